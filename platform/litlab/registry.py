@@ -1,0 +1,82 @@
+"""Name -> class registries for models (LightningModules) and data (LightningDataModules).
+
+    @register_model("mlp", chapter="1-2 MLPs and optimisation", description="...",
+                    smoke={"model": {"hidden": [16]}, "data": {"name": "digits"}})
+    class MLPClassifier(ClassifierModule): ...
+
+`smoke` is the tiny config the test-suite uses to build the model and push one batch through it,
+so every registered model is tested automatically. `load_all()` imports every chapter and data
+module, which is what fills the registries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from litlab.errors import ConfigError
+
+# Modules whose import registers things; chapters are added here as they are written.
+_REGISTERING_MODULES = (
+    "litlab.data",
+    "litlab.chapters",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    cls: type
+    description: str
+    chapter: str = ""
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, Entry] = {}
+DATA: dict[str, Entry] = {}
+
+
+def _register(table: dict[str, Entry], kind: str, name: str, **meta):
+    def deco(cls):
+        if name in table and table[name].cls is not cls:
+            raise RuntimeError(f"{kind} {name!r} registered twice: {table[name].cls} and {cls}")
+        table[name] = Entry(name=name, cls=cls, **meta)
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def register_model(name: str, *, chapter: str, description: str, smoke: dict | None = None):
+    """Register a LightningModule under `name` (the value of `model.name` in a config)."""
+    return _register(MODELS, "model", name, chapter=chapter, description=description, smoke=smoke or {})
+
+
+def register_data(name: str, *, description: str):
+    """Register a LightningDataModule under `name` (the value of `data.name` in a config)."""
+    return _register(DATA, "data", name, description=description)
+
+
+def load_all() -> None:
+    for mod in _REGISTERING_MODULES:
+        importlib.import_module(mod)
+
+
+def _lookup(table: dict[str, Entry], key: str, name: Any) -> Entry:
+    load_all()
+    if not isinstance(name, str) or name not in table:
+        allowed = sorted(table)
+        close = difflib.get_close_matches(str(name), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(key, f"unknown name {name!r}{hint}; choose one of: {', '.join(allowed)}")
+    return table[name]
+
+
+def get_model(name: Any) -> Entry:
+    return _lookup(MODELS, "model.name", name)
+
+
+def get_data(name: Any) -> Entry:
+    return _lookup(DATA, "data.name", name)
