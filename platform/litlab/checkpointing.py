@@ -1,0 +1,100 @@
+"""Checkpoints that know their run: atomic writes, run metadata, and finding the one to resume.
+
+Every checkpoint holds `checkpoint["litlab"] = {"run_id", "config_hash", "config", ...}`; that is
+how `litlab resume RUN_ID` re-attaches to the same MLflow run and refuses a checkpoint that belongs
+to another run or another model. Files are written to a temporary name and renamed, so a kill in
+the middle of a save never leaves a corrupt `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from litlab import __version__
+from litlab.errors import UserError
+
+META_KEY = "litlab"
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `<path>.tmp`, fsync, then os.replace: the old file stays valid until the new
+    one is complete."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class RunMetadata(Callback):
+    """Writes the run id, config hash and resolved config into every checkpoint."""
+
+    def __init__(self, run_id: str, config_hash: str, config: dict[str, Any], extra: dict[str, Any] | None = None):
+        self.meta = {"run_id": run_id, "config_hash": config_hash, "config": config,
+                     "litlab_version": __version__, **(extra or {})}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = dict(self.meta)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(META_KEY, {})
+        if meta and meta.get("run_id") != self.meta["run_id"]:
+            raise UserError(f"checkpoint belongs to run {meta.get('run_id')}, not {self.meta['run_id']}")
+
+
+def checkpoint_callbacks(dirpath: Path, monitor: str, mode: str, save_top_k: int,
+                         every_n_train_steps: int | None) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """`best`: top-k on the monitored metric at validation end. `last`: last.ckpt at every epoch
+    end, and every N training steps when asked (so a kill loses at most N steps)."""
+    best = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}-step{step}", monitor=monitor,
+                           mode=mode, save_top_k=save_top_k, auto_insert_metric_name=False)
+    last = ModelCheckpoint(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
+                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=True)
+    return best, last
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The litlab block of a checkpoint, memory-mapped so large weights are not read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    meta = ckpt.get(META_KEY)
+    if not meta:
+        raise UserError(f"{path}: not a litlab checkpoint (no run metadata)")
+    return meta
+
+
+def find_last_checkpoint(uri: str, run_id: str, checkpoint_dir: str | None) -> Path | None:
+    """The run's last.ckpt: in its local checkpoint dir, else downloaded from its artifacts."""
+    if checkpoint_dir:
+        local = Path(checkpoint_dir) / LAST
+        if local.exists():
+            return local
+    from litlab.tracking import client
+
+    c = client(uri)
+    try:
+        names = {a.path for a in c.list_artifacts(run_id, "checkpoints")}
+    except Exception:
+        return None
+    if f"checkpoints/{LAST}" not in names:
+        return None
+    dest = Path(checkpoint_dir or Path("mlruns/checkpoints") / run_id)
+    dest.mkdir(parents=True, exist_ok=True)
+    downloaded = c.download_artifacts(run_id, f"checkpoints/{LAST}", str(dest.parent / ".download"))
+    target = dest / LAST
+    os.replace(downloaded, target)
+    return target

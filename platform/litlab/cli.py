@@ -1,0 +1,194 @@
+"""`litlab` command line: run | resume | models | runs | ui.
+
+Thin on purpose: parse, then call litlab.runner / litlab.tracking. Heavy imports (torch,
+lightning, mlflow) happen inside the commands, so `litlab --help` answers at once. A mistake the
+user made (bad YAML, unknown key or name, missing file or run) is one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USER_ERROR = 2
+
+EPILOG = """examples:
+  litlab run experiments/mlp/mlp_digits.yaml
+  litlab run experiments/mlp/mlp_digits.yaml model.hidden=[256,128] optim.lr=0.01
+  litlab run experiments/mlp/mlp_digits.yaml trainer.strategy=ddp trainer.devices=2 trainer.accelerator=cpu
+  litlab resume RUN_ID trainer.max_epochs=40
+  litlab runs --limit 10
+  litlab ui
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="litlab", description="Tracked deep-learning experiments on PyTorch Lightning, MLflow and Optuna.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"litlab {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def tracking_opt(sp):
+        sp.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+
+    r = sub.add_parser("run", help="train, validate and test an experiment, tracked in MLflow",
+                       description="Train, validate, then test on the best checkpoint; track params, metrics, "
+                                   "checkpoints and plots in one MLflow run.")
+    r.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment file, e.g. experiments/mlp/mlp_digits.yaml")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01 model.hidden=[256,128]")
+    tracking_opt(r)
+    r.add_argument("-q", "--quiet", action="store_true", help="print only the run id and the test metrics")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; do not train")
+
+    s = sub.add_parser("resume", help="continue a run from its last checkpoint, in the same MLflow run",
+                       description="Continue RUN_ID from its last checkpoint in the SAME MLflow run (same run id, "
+                                   "metric steps continue). Works after a crash or kill. Overrides may change "
+                                   "training length (trainer.max_epochs=...), not the model.")
+    s.add_argument("run_id", metavar="RUN_ID")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    tracking_opt(s)
+    s.add_argument("-q", "--quiet", action="store_true")
+
+    m = sub.add_parser("models", help="list every registered model with its course chapter",
+                       description="Every registered model with its course chapter and a one-line description.")
+    m.add_argument("--chapter", help="only models whose chapter contains this text")
+
+    ls = sub.add_parser("runs", help="table of tracked runs, newest first",
+                        description="A table of runs (id, name, model, status, start, duration, key metrics), newest first.")
+    ls.add_argument("--experiment", metavar="NAME", help="only this MLflow experiment")
+    ls.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
+    tracking_opt(ls)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the same store",
+                       description="Serve the MLflow UI on 127.0.0.1 over litlab's tracking store.")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 in Docker)")
+    tracking_opt(u)
+    return p
+
+
+def _version() -> str:
+    from litlab import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after options (`run x.yaml --tracking-uri U a.b=1`): keep the
+    # key=value tokens argparse could not place.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from litlab.errors import UserError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except UserError as e:
+        print(f"litlab {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    for name in ("lightning.fabric.utilities.seed", "mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def cmd_run(args) -> int:
+    _quiet_libraries()
+    from litlab import runner
+
+    if args.dry_run:
+        cfg = runner.load_config(args.experiment, args.overrides)
+        print(cfg.to_yaml(), end="")
+        return 0
+    result = runner.run(args.experiment, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)
+    _report(result, args.quiet)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    _quiet_libraries()
+    from litlab import runner
+
+    result = runner.resume(args.run_id, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)
+    _report(result, args.quiet)
+    return 0
+
+
+def _report(result, quiet: bool) -> None:
+    from litlab.runner import _rank
+
+    if _rank() != 0:
+        return
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()))
+    if quiet:
+        print(f"{result.run_id} {metrics}")
+        return
+    print(f"\nrun {result.run_id} {result.status}")
+    for k, v in sorted(result.metrics.items()):
+        print(f"  {k:<20} {v:.4f}")
+    if result.best_score is not None:
+        print(f"  best {result.config.callbacks.checkpoint.monitor} = {result.best_score:.4f}  ({result.best_checkpoint})")
+    if result.experiment_id:
+        uri_opt = "" if result.tracking_uri.endswith("mlruns/mlflow.db") else f" --tracking-uri {result.tracking_uri}"
+        print(f"\nlook at it:  litlab ui{uri_opt}   then open "
+              f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.run_id}")
+        print(f"list runs:   litlab runs{uri_opt}")
+        print(f"train more:  litlab resume {result.run_id}{uri_opt} trainer.max_epochs={result.config.trainer.max_epochs * 2}")
+
+
+def cmd_models(args) -> int:
+    from litlab import registry
+
+    registry.load_all()
+    rows = sorted(registry.MODELS.values(), key=lambda e: (e.chapter, e.name))
+    if args.chapter:
+        rows = [e for e in rows if args.chapter.lower() in e.chapter.lower()]
+    width = max((len(e.name) for e in rows), default=4)
+    cwidth = max((len(e.chapter) for e in rows), default=7)
+    print(f"{'MODEL':<{width}}  {'CHAPTER':<{cwidth}}  DESCRIPTION")
+    for e in rows:
+        print(f"{e.name:<{width}}  {e.chapter:<{cwidth}}  {e.description}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from litlab.runs_table import print_runs
+
+    print_runs(args.tracking_uri, args.experiment, args.limit)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from litlab.tracking import resolve_tracking_uri
+    from pathlib import Path
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl+C to stop)", file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "models": cmd_models, "runs": cmd_runs, "ui": cmd_ui}
+
+if __name__ == "__main__":
+    sys.exit(main())

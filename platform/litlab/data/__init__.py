@@ -1,0 +1,22 @@
+"""Shared DataModules; importing this package registers them (see litlab.registry).
+
+digits (sklearn 8x8 digits via HF datasets), hf_images (any HF / local image-classification data
+set), function1d and blobs (synthetic). Small splits are served as whole tensors by the fast batch
+path of `litlab.data.memory`.
+"""
+
+from litlab.data.base import LitlabDataModule
+from litlab.data.digits import DigitsDataModule
+from litlab.data.hf_images import HFImagesDataModule
+from litlab.data.memory import TensorBatchDataset, fast_loader
+from litlab.data.synthetic import BlobsDataModule, Function1DDataModule
+
+__all__ = [
+    "LitlabDataModule",
+    "DigitsDataModule",
+    "HFImagesDataModule",
+    "Function1DDataModule",
+    "BlobsDataModule",
+    "TensorBatchDataset",
+    "fast_loader",
+]

@@ -1,0 +1,354 @@
+"""The one place that builds a Trainer: `run(config) -> RunResult`.
+
+The CLI, the notebook API, the tests and the sweep objective all call `run()` (or `resume()`).
+It validates the config, seeds everything, builds datamodule + model + trainer, tracks the run in
+MLflow (and W&B when asked), fits, tests on the best checkpoint, uploads checkpoints and a learning
+curve, and ends the run FINISHED / FAILED / KILLED, never leaving it RUNNING on an error.
+
+Under DDP (`trainer.strategy=ddp`) Lightning re-launches this same command once per extra rank;
+only rank 0 talks to the trackers. Rank 0 passes its run id to the other ranks through the
+LITLAB_RUN_ID environment variable, so every rank writes to the same checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from litlab import config as config_mod
+from litlab import registry
+from litlab.config import Config
+from litlab.errors import UserError
+
+RUN_ID_ENV = "LITLAB_RUN_ID"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # FINISHED | FAILED | KILLED
+    metrics: dict[str, float] = field(default_factory=dict)  # test metrics
+    best_score: float | None = None  # best value of callbacks.checkpoint.monitor
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    config: Config | None = None
+
+
+@dataclass
+class ResumeFrom:
+    run_id: str
+    checkpoint: Path
+
+
+def _data_info(data_cls: type, data_args: dict[str, Any]) -> dict[str, Any]:
+    info = data_cls(**data_args).info()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in info.items()}
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | dict | None = None) -> Config:
+    """YAML path or dict + dotted overrides -> validated Config (raises UserError)."""
+    return config_mod.load(source, overrides, data_info=_data_info)
+
+
+def _rank() -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def run(source: str | Path | dict | Config, overrides: list[str] | dict | None = None, *,
+        tracking_uri: str | None = None, resume_from: ResumeFrom | None = None,
+        callbacks: list | None = None, parent_run_id: str | None = None,
+        extra_tags: dict[str, str] | None = None, verbose: bool = False) -> RunResult:
+    import lightning as L
+
+    from litlab import tracking
+    from litlab.checkpointing import RunMetadata, checkpoint_callbacks
+
+    cfg = source if isinstance(source, Config) else load_config(source, overrides)
+    source_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
+    rank = _rank()
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    use_mlflow = cfg.tracking.mlflow
+    model_entry = registry.get_model(cfg.model["name"])
+    data_entry = registry.get_data(cfg.data["name"])
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = data_entry.cls(**_args(cfg.data))
+    model = model_entry.cls(**_args(cfg.model))
+    model.optim_config = cfg.optim
+    config_hash = cfg.identity_hash()
+
+    # ---- run identity: rank 0 creates (or re-attaches to) the run; other ranks inherit its id
+    last_steps: dict[str, int] = {}
+    run_id = None
+    created = False
+    if rank != 0:
+        run_id = os.environ.get(RUN_ID_ENV) or uuid.uuid4().hex
+    elif resume_from is not None:
+        run_id = resume_from.run_id
+    if resume_from is not None:
+        ckpt_dir = resume_from.checkpoint.parent.resolve()
+    else:
+        ckpt_dir = None
+    tags = _tags(cfg, model_entry, source_dir)
+    if rank == 0 and use_mlflow:
+        if resume_from is None:
+            run_id = tracking.start_run(
+                uri, cfg.tracking.experiment or cfg.name, cfg.tracking.run_name or _run_name(cfg),
+                config_mod.flatten(cfg.to_dict()), {**tags, **(extra_tags or {})}, cfg.to_yaml(),
+                parent_run_id=parent_run_id)
+            created = True
+        else:
+            last_steps = _attach(uri, cfg, run_id, tags)
+    run_id = run_id or uuid.uuid4().hex
+    ckpt_dir = ckpt_dir or (Path(cfg.callbacks.checkpoint.dirpath) / run_id).resolve()
+    if rank == 0 and use_mlflow:
+        tracking.set_tags(uri, run_id, {"litlab.checkpoint_dir": str(ckpt_dir)})
+    if rank == 0 and verbose:
+        what = "resuming" if resume_from else "started"
+        print(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
+              f"{uri if use_mlflow else 'not tracked'})", file=sys.stderr, flush=True)
+
+    tracker = sysmon = None
+    fit_started = False
+    previous_env = os.environ.get(RUN_ID_ENV)
+    try:
+        loggers = []
+        if use_mlflow:
+            tracker = tracking.MlflowTracker(uri, run_id, cfg.tracking.flush_interval, last_steps)
+            loggers.append(tracker)
+        if cfg.tracking.wandb != "off":
+            loggers.append(_wandb_logger(cfg, run_id))
+        ck = cfg.callbacks.checkpoint
+        best_cb, last_cb = checkpoint_callbacks(ckpt_dir, ck.monitor, ck.mode, ck.save_top_k, ck.every_n_train_steps)
+        cbs = [RunMetadata(run_id, config_hash, cfg.to_dict()), best_cb, last_cb, *_optional_callbacks(cfg, loggers),
+               *(callbacks or [])]
+        trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir)
+        if rank == 0 and use_mlflow:
+            from litlab.provenance import device_description
+
+            tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
+            sysmon = _start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
+
+        os.environ[RUN_ID_ENV] = run_id
+        fit_started = True
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from.checkpoint) if resume_from else None)
+        best_path = best_cb.best_model_path or None
+        test_out = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        metrics = {k: float(v) for k, v in (test_out[0] if test_out else {}).items()}
+        best_score = float(best_cb.best_model_score) if best_cb.best_model_score is not None else None
+        last_path = str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None
+        if rank == 0 and use_mlflow:
+            tracker.flush()
+            _upload_outputs(uri, run_id, cfg, best_path, last_path)
+            if sysmon:
+                sysmon.finish()
+                sysmon = None
+            tracking.end_run(uri, run_id, "FINISHED")
+        return RunResult(run_id, "FINISHED", metrics, best_score, best_path, last_path, uri,
+                         _experiment_id(uri, run_id) if use_mlflow and rank == 0 else None, cfg)
+    except BaseException as e:
+        if rank == 0 and use_mlflow:
+            _close_failed(uri, run_id, e, tracker, sysmon, delete=created and not fit_started)
+        raise
+    finally:
+        if previous_env is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = previous_env
+
+
+def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_uri: str | None = None,
+           verbose: bool = False) -> RunResult:
+    """Continue RUN_ID from its last checkpoint in the same MLflow run (same id, steps continue)."""
+    from mlflow.exceptions import MlflowException
+
+    from litlab import tracking
+    from litlab.checkpointing import find_last_checkpoint, read_metadata
+    from litlab.provenance import process_alive
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    try:
+        run_info = tracking.client(uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id!r} in the tracking store {uri} (list them with `litlab runs`)") from None
+    tags = run_info.data.tags
+    if _rank() == 0 and run_info.info.status == "RUNNING" and process_alive(tags.get("host"), tags.get("litlab.pid")):
+        raise UserError(f"run {run_id} is still running (pid {tags.get('litlab.pid')}); stop it before resuming")
+    ckpt = find_last_checkpoint(uri, run_id, tags.get("litlab.checkpoint_dir"))
+    if ckpt is None:
+        raise UserError(f"run {run_id} has no last.ckpt to resume from (looked in "
+                        f"{tags.get('litlab.checkpoint_dir') or 'no checkpoint dir'} and its artifacts)")
+    meta = read_metadata(ckpt)
+    if meta.get("run_id") != run_id:
+        raise UserError(f"{ckpt} belongs to run {meta.get('run_id')}, not {run_id}")
+    cfg = load_config(meta["config"], overrides)
+    if cfg.identity_hash() != meta["config_hash"]:
+        raise UserError("resume: these overrides change the model, data, optimiser or seed (config hash "
+                        f"{cfg.identity_hash()} != checkpoint's {meta['config_hash']}); resume only continues "
+                        "training (e.g. trainer.max_epochs=...): start a new run with `litlab run` instead")
+    return run(cfg, tracking_uri=uri, resume_from=ResumeFrom(run_id, ckpt), verbose=verbose)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _args(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def _run_name(cfg: Config) -> str:
+    import time
+
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _tags(cfg: Config, model_entry, source_dir: Path) -> dict[str, str]:
+    from litlab.provenance import git_info, version_tags
+
+    ck = cfg.callbacks.checkpoint
+    return {
+        "litlab.model": cfg.model["name"],
+        "litlab.chapter": model_entry.chapter,
+        "litlab.data": cfg.data["name"],
+        "litlab.config_hash": cfg.identity_hash(),
+        "litlab.monitor": ck.monitor,
+        "litlab.mode": ck.mode,
+        **git_info(source_dir),
+        **version_tags(),
+    }
+
+
+def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[str, int]:
+    from litlab import tracking
+
+    prev = tracking.client(uri).get_run(run_id).data.tags
+    n = int(prev.get("litlab.resumes", "0")) + 1
+    steps = tracking.attach_run(uri, run_id, {**{k: v for k, v in tags.items() if not k.startswith("git.")},
+                                              "litlab.resumes": str(n)}, config_mod.flatten(cfg.to_dict()))
+    tracking.client(uri).log_text(run_id, cfg.to_yaml(), f"config/resolved_resume{n}.yaml")
+    return steps
+
+
+def _optional_callbacks(cfg: Config, loggers: list) -> list:
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+
+    out = []
+    if cfg.callbacks.lr_monitor and loggers:
+        out.append(LearningRateMonitor(logging_interval="epoch"))
+    es = cfg.callbacks.early_stopping
+    if es.enabled:
+        out.append(EarlyStopping(monitor=es.monitor or cfg.callbacks.checkpoint.monitor,
+                                 mode=es.mode or cfg.callbacks.checkpoint.mode, patience=es.patience,
+                                 min_delta=es.min_delta))
+    return out
+
+
+def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path):
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from litlab.checkpointing import AtomicCheckpointIO
+
+    t = cfg.trainer
+    optional = {k: getattr(t, k) for k in ("val_check_interval", "limit_train_batches", "limit_val_batches",
+                                          "limit_test_batches", "gradient_clip_val", "benchmark")
+                if getattr(t, k) is not None}
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+            precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+            gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val else None,
+            accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
+            log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
+            num_sanity_val_steps=t.num_sanity_val_steps, fast_dev_run=t.fast_dev_run,
+            enable_progress_bar=t.enable_progress_bar and sys.stderr.isatty(),
+            logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+            default_root_dir=str(ckpt_dir), **optional)
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"trainer: {first}") from None
+
+
+def _wandb_logger(cfg: Config, run_id: str):
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = Path("mlruns") / "wandb"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project=cfg.tracking.wandb_project, name=cfg.tracking.run_name or cfg.name,
+                         id=run_id, save_dir=str(save_dir), offline=cfg.tracking.wandb == "offline",
+                         resume="allow")
+    logger.log_hyperparams(config_mod.flatten(cfg.to_dict()))
+    return logger
+
+
+def _start_system_metrics(cfg: Config, uri: str, run_id: str, resumed: bool):
+    if not cfg.tracking.system_metrics:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval,
+                                   resume_logging=resumed, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def _upload_outputs(uri: str, run_id: str, cfg: Config, best: str | None, last: str | None) -> None:
+    from litlab import tracking
+    from litlab.plots import learning_curves
+
+    c = tracking.client(uri)
+    if cfg.tracking.log_checkpoints and (best or last):
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, path in (("best.ckpt", best), ("last.ckpt", last)):
+                if path and Path(path).exists():
+                    _link_or_copy(Path(path), Path(tmp) / name)
+            c.log_artifacts(run_id, tmp, "checkpoints")
+    fig = learning_curves(c, run_id, f"{cfg.name} ({cfg.model['name']} on {cfg.data['name']})")
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        c.log_figure(run_id, fig, "plots/learning_curves.png")
+        plt.close(fig)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, delete: bool) -> None:
+    from litlab import tracking
+
+    killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    try:
+        if tracker is not None:
+            tracker.flush()
+        if sysmon is not None:
+            sysmon.finish()
+        if delete and isinstance(exc, UserError):
+            tracking.client(uri).delete_run(run_id)  # a config mistake found before training: no run
+            return
+        reason = "interrupted" if killed else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        tracking.set_tags(uri, run_id, {"litlab.failure_reason": reason[:5000]})
+    except Exception:
+        pass
+    tracking.end_run(uri, run_id, "KILLED" if killed else "FAILED")
+
+
+def _experiment_id(uri: str, run_id: str) -> str | None:
+    from litlab import tracking
+
+    return tracking.client(uri).get_run(run_id).info.experiment_id

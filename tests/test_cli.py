@@ -1,0 +1,65 @@
+"""The `litlab` command: fast --help everywhere, models, runs, real exit codes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from helpers import MLP_DIGITS, QUICK, run_cli
+from litlab import runner
+from litlab.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["resume"], ["models"], ["runs"], ["ui"]])
+def test_help_is_fast_and_lists_usage(command, tmp_path):
+    start = time.perf_counter()
+    proc = run_cli(*command, "--help", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0 and "usage: litlab" in proc.stdout
+    assert elapsed < 3.0, f"--help took {elapsed:.2f} s: a heavy import crept into the CLI"
+
+
+def test_user_error_in_a_real_process_is_one_line_exit_2(tmp_path):
+    proc = run_cli("run", str(MLP_DIGITS), "optim.lr=banana", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["litlab run: error: optim.lr: expected a number, got 'banana'"], proc.stderr
+
+
+def test_models_lists_every_model_with_chapter(capsys):
+    from litlab import registry
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    registry.load_all()
+    for name, entry in registry.MODELS.items():
+        assert name in out and entry.description in out
+    assert "1-2 MLPs and optimisation" in out
+
+
+def test_runs_table_newest_first(tracking_uri, capsys):
+    a = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"], tracking_uri=tracking_uri)
+    b = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"], tracking_uri=tracking_uri)
+    capsys.readouterr()
+    assert main(["runs", "--tracking-uri", tracking_uri, "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.index(b.run_id) < out.index(a.run_id)
+    assert "FINISHED" in out and "mlp" in out and "test/acc=" in out
+    assert main(["runs", "--tracking-uri", tracking_uri, "--experiment", "mlp_digits", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert b.run_id in out and a.run_id not in out
+
+
+def test_run_prints_id_metrics_and_how_to_look(tracking_uri, tmp_path):
+    proc = run_cli("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK, "trainer.max_epochs=1",
+                   "tracking.system_metrics=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test/acc" in proc.stdout and "litlab ui" in proc.stdout and "litlab resume" in proc.stdout
+    assert "FINISHED" in proc.stdout
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["run", str(MLP_DIGITS), "--dry-run", "optim.lr=0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.02" in out and "num_classes: 10" in out

@@ -1,0 +1,351 @@
+"""Shared DataModules: splits, shapes, normalisation, the fast batch loader, local HF data sets."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from litlab import registry
+from litlab.config import resolve_args
+from litlab.data import BlobsDataModule, DigitsDataModule, Function1DDataModule, HFImagesDataModule
+from litlab.data.digits import RandomShift
+from litlab.data.hf_images import HFImageBatches
+from litlab.data.memory import TensorBatchDataset, fast_loader
+from litlab.errors import ConfigError, UserError
+
+
+@pytest.fixture(autouse=True)
+def _hf_cache(tmp_path_factory, monkeypatch):
+    """load_dataset caches Arrow files: keep them out of ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf_cache")
+
+
+def test_registered_with_valid_signatures():
+    registry.load_all()
+    for name in ("digits", "hf_images", "function1d", "blobs"):
+        entry = registry.get_data(name)
+        args = resolve_args("data", entry.cls, {"path": "x"} if name == "hf_images" else {})
+        assert args["batch_size"] == 64 and args["num_workers"] == 0
+
+
+# ---------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    return dm
+
+
+def _ids(dm, split):
+    return dm.hf_splits[split]["id"]
+
+
+def test_digits_info_before_setup():
+    assert DigitsDataModule().info() == {"input_shape": (1, 8, 8), "num_classes": 10}
+    assert DigitsDataModule(image_size=32).info()["input_shape"] == (1, 32, 32)
+
+
+def test_digits_splits_sizes_disjoint_stratified(digits):
+    ids = {k: set(_ids(digits, k)) for k in ("train", "val", "test")}
+    assert sum(map(len, ids.values())) == 1797 == len(set.union(*ids.values()))
+    assert len(ids["test"]) == pytest.approx(0.15 * 1797, abs=2)
+    assert len(ids["val"]) == pytest.approx(0.15 * 1797, abs=2)
+    assert [len(digits.train_set), len(digits.val_set), len(digits.test_set)] == [len(ids[k]) for k in ("train", "val", "test")]
+    counts = torch.bincount(digits.test_set.y, minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 29  # ~10% of 270 per class
+
+
+def test_digits_split_depends_on_split_seed_only(digits):
+    again = DigitsDataModule(batch_size=7, normalize=False)
+    again.setup()
+    other = DigitsDataModule(split_seed=1)
+    other.setup()
+    for k in ("train", "val", "test"):
+        assert _ids(again, k) == _ids(digits, k)
+    assert set(_ids(other, "test")) != set(_ids(digits, "test"))
+
+
+def test_digits_shapes_dtypes_and_normalisation(digits):
+    x, y = digits.train_set[0]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == ()
+    xb, yb = next(iter(digits.train_dataloader()))
+    assert xb.shape == (64, 1, 8, 8) and yb.shape == (64,) and yb.dtype == torch.int64
+    xt, _ = digits.train_set.tensors()
+    assert xt.mean().item() == pytest.approx(0, abs=1e-5) and xt.std().item() == pytest.approx(1, abs=1e-4)
+    xv, _ = digits.val_set.tensors()  # train stats, so only roughly 0/1
+    assert abs(xv.mean().item()) < 0.1
+    raw = DigitsDataModule(normalize=False)
+    raw.setup()
+    xr, _ = raw.train_set.tensors()
+    assert xr.min() == 0 and xr.max() == 1
+
+
+def test_digits_image_size_32():
+    dm = DigitsDataModule(image_size=32, batch_size=16)
+    dm.setup()
+    xb, yb = next(iter(dm.val_dataloader()))
+    assert xb.shape == (16, 1, 32, 32)
+    xt, _ = dm.train_set.tensors()
+    assert xt.mean().item() == pytest.approx(0, abs=1e-5)
+
+
+def test_digits_loader_covers_train_once(digits):
+    ys = [y for _, y in digits.train_dataloader()]
+    assert sum(map(len, ys)) == len(digits.train_set)
+    assert torch.equal(torch.cat(ys).sort().values, digits.train_set.y.sort().values)
+
+
+def test_digits_bad_fractions():
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_augment_only_on_train(digits):
+    aug = DigitsDataModule(augment=True)
+    aug.setup()
+    assert torch.equal(aug.val_set.tensors()[0], digits.val_set.tensors()[0])
+    assert torch.equal(aug.test_set.tensors()[0], digits.test_set.tensors()[0])
+    torch.manual_seed(0)
+    xa, ya = aug.train_set.tensors()
+    assert torch.equal(ya, digits.train_set.y)
+    changed = (xa != digits.train_set.x).flatten(1).any(1).float().mean().item()
+    assert 0.7 < changed < 1.0  # 8 of 9 shifts move the image
+
+
+def test_random_shift_moves_by_at_most_one_pixel():
+    torch.manual_seed(0)
+    x = torch.zeros(500, 1, 5, 5)
+    x[:, 0, 2, 2] = 1.0
+    out = RandomShift(1, fill=0.0)(x)
+    assert out.shape == x.shape and torch.equal(out.sum((1, 2, 3)), torch.ones(500))
+    pos = out[:, 0].flatten(1).argmax(1)
+    rows, cols = pos // 5, pos % 5
+    assert rows.min() == 1 and rows.max() == 3 and cols.min() == 1 and cols.max() == 3
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == 9
+    edge = RandomShift(1, fill=-7.0)(torch.zeros(200, 1, 4, 4))
+    assert set(edge.unique().tolist()) == {0.0, -7.0}  # borders are filled with the background
+
+
+# ---------------------------------------------------------------- the fast batch loader
+def test_fast_loader_each_sample_once_shuffled():
+    ds = TensorBatchDataset(torch.arange(103).float()[:, None], torch.arange(103))
+    loader = fast_loader(ds, batch_size=10, shuffle=True)
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(y) for _, y in batches] == [10] * 10 + [3]
+        assert all(torch.equal(x[:, 0].long(), y) for x, y in batches)
+        order = torch.cat([y for _, y in batches])
+        assert torch.equal(order.sort().values, torch.arange(103))
+        assert not torch.equal(order, torch.arange(103))
+        epochs.append(order)
+    assert not torch.equal(*epochs)
+    seq = torch.cat([y for _, y in fast_loader(ds, batch_size=10, shuffle=False)])
+    assert torch.equal(seq, torch.arange(103))
+
+
+def test_fast_loader_ddp_sharding():
+    """What Lightning does under DDP: inject a DistributedSampler and rebuild the loader."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    ds = TensorBatchDataset(torch.arange(103).float()[:, None], torch.arange(103))
+    loader = fast_loader(ds, batch_size=8, shuffle=True)
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sharded = _update_dataloader(loader, sampler)
+        batches = list(sharded)
+        assert sharded.batch_size == 8 and [len(y) for _, y in batches] == [8] * 6 + [4]
+        assert all(torch.equal(x[:, 0].long(), y) for x, y in batches)
+        seen.append(torch.cat([y for _, y in batches]))
+    assert torch.cat(seen).unique().numel() == 103  # 104 = 103 + 1 padding sample
+
+
+def test_datasets_pickle_for_spawned_workers(digits):
+    aug = DigitsDataModule(augment=True)
+    aug.setup()
+    for ds in (digits.train_set, aug.train_set):
+        clone = pickle.loads(pickle.dumps(ds))
+        assert len(clone) == len(ds)
+
+
+# ---------------------------------------------------------------- hf_images on local files
+def _write_parquet(path, n=60, size=(12, 10), label_names=("a", "b", "c"), image_column="img", string_labels=False):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+    labels = [i % len(label_names) for i in range(n)]
+    label_feat = datasets.ClassLabel(names=list(label_names))
+    if string_labels:
+        labels, label_feat = [label_names[i] for i in labels], datasets.Value("string")
+    features = datasets.Features({image_column: datasets.Image(), "label": label_feat})
+    datasets.Dataset.from_dict({image_column: imgs, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory):
+    return _write_parquet(tmp_path_factory.mktemp("pq") / "data.parquet")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 10), ("test", 4)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_hf_parquet_file(parquet_file):
+    dm = HFImagesDataModule(path=str(parquet_file), batch_size=16)
+    assert dm.info() == {"input_shape": (3, 12, 10), "num_classes": 3}  # before setup; "img" column accepted
+    dm.setup()
+    sizes = {k: len(s) for k, s in dm.hf_splits.items()}
+    assert sizes == {"train": 48, "val": 6, "test": 6}  # no val/test split in the file: carved
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (16, 3, 12, 10) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+    xt, _ = dm.train_set.tensors()
+    assert torch.allclose(xt.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(xt.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+    again = HFImagesDataModule(path=str(parquet_file))
+    again.setup()
+    assert torch.equal(again.test_set.tensors()[0], dm.test_set.tensors()[0])
+    other = HFImagesDataModule(path=str(parquet_file), split_seed=3)
+    other.setup()
+    assert not torch.equal(other.test_set.tensors()[0], dm.test_set.tensors()[0])
+
+
+def test_hf_parquet_dir_with_test_split_and_resize(tmp_path):
+    _write_parquet(tmp_path / "train-00000.parquet", n=40)
+    _write_parquet(tmp_path / "test-00000.parquet", n=9)
+    dm = HFImagesDataModule(path=str(tmp_path), image_size=8, channels=1, normalize=False)
+    assert dm.info()["input_shape"] == (1, 8, 8)
+    dm.setup()
+    assert len(dm.test_set) == 9 and len(dm.train_set) + len(dm.val_set) == 40
+    xt, _ = dm.test_set.tensors()
+    assert xt.shape == (9, 1, 8, 8) and 0 <= xt.min() and xt.max() <= 1
+
+
+def test_hf_imagefolder(image_folder):
+    dm = HFImagesDataModule(path=str(image_folder), image_size=6)
+    assert dm.info() == {"input_shape": (1, 6, 6), "num_classes": 2}  # grayscale PNGs -> 1 channel
+    assert dm.class_names == ["cat", "dog"]
+    dm.setup()
+    assert len(dm.test_set) == 8 and len(dm.train_set) + len(dm.val_set) == 20
+    assert dm.train_set.y.unique().tolist() == [0, 1]
+    rgb = HFImagesDataModule(path=str(image_folder), channels=3)
+    assert rgb.info()["input_shape"] == (3, 9, 9)
+
+
+def test_hf_lazy_path_matches_materialised(parquet_file, monkeypatch):
+    eager = HFImagesDataModule(path=str(parquet_file))
+    eager.setup()
+    monkeypatch.setattr(HFImagesDataModule, "max_in_memory_mb", 0)
+    lazy = HFImagesDataModule(path=str(parquet_file), batch_size=5)
+    lazy.setup()
+    assert isinstance(lazy.train_set, HFImageBatches)
+    assert len(pickle.loads(pickle.dumps(lazy.train_set))) == len(lazy.train_set)  # spawned workers
+    x, y = next(iter(lazy.val_dataloader()))
+    assert torch.allclose(x, eager.val_set.tensors()[0][:5], atol=1e-5) and torch.equal(y, eager.val_set.y[:5])
+    assert sum(len(y) for _, y in lazy.train_dataloader()) == len(eager.train_set)
+
+
+def test_hf_string_labels_mapped(tmp_path):
+    path = _write_parquet(tmp_path / "s.parquet", n=20, label_names=("zebra", "ant"), string_labels=True)
+    dm = HFImagesDataModule(path=str(path))
+    assert dm.info()["num_classes"] == 2 and dm.class_names == ["ant", "zebra"]
+    dm.setup()
+    assert sorted(dm.train_set.y.unique().tolist()) == [0, 1]
+
+
+def test_hf_user_errors(parquet_file, tmp_path):
+    with pytest.raises(UserError, match=r"^data\.path: is required"):
+        HFImagesDataModule()
+    with pytest.raises(UserError, match=r"^data\.path: no such file or directory"):
+        HFImagesDataModule(path=str(tmp_path / "missing")).info()
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match=r"^data\.path: .*expected a \.parquet file"):
+        HFImagesDataModule(path=str(tmp_path / "notes.txt")).info()
+    with pytest.raises(UserError) as e:
+        HFImagesDataModule(path=str(parquet_file), image_column="pixels").info()
+    assert str(e.value) == "data.image_column: no column 'pixels' in dataset; columns: img, label"
+    with pytest.raises(UserError, match=r"^data\.label_column: no column 'y'"):
+        HFImagesDataModule(path=str(parquet_file), label_column="y").info()
+    with pytest.raises(UserError, match=r"^data\.test_split: no split 'holdout'"):
+        HFImagesDataModule(path=str(parquet_file), test_split="holdout").setup()
+
+
+# ---------------------------------------------------------------- synthetic
+@pytest.mark.parametrize("fn, xs, ys", [
+    ("sin", [0.0, math.pi / 2], [0.0, 1.0]),
+    ("abs", [-2.0, 3.0], [2.0, 3.0]),
+    ("step", [-0.1, 0.0, 2.0], [0.0, 1.0, 1.0]),
+    ("cubic", [-2.0, 1.5], [-8.0, 3.375]),
+    ("sawtooth", [0.0, math.pi / 2 - 1e-3, math.pi / 2, math.pi], [0.0, 1.0, -1.0, 0.0]),
+])
+def test_function1d_targets(fn, xs, ys):
+    dm = Function1DDataModule(fn=fn)
+    assert dm.info() == {"input_dim": 1, "output_dim": 1}
+    assert torch.allclose(dm.target_fn(torch.tensor(xs)), torch.tensor(ys), atol=2e-3)
+
+
+def test_function1d_data():
+    dm = Function1DDataModule(fn="abs", n_train=100, n_val=20, n_test=30, noise=0.1, x_low=-1, x_high=2, seed=3)
+    dm.setup()
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [100, 20, 30]
+    x, y = dm.train_set[0]
+    assert x.shape == (1,) and y.shape == (1,) and x.dtype == y.dtype == torch.float32
+    xt, yt = dm.train_set.tensors()
+    assert xt.min() >= -1 and xt.max() <= 2
+    assert 0.05 < (yt - dm.target_fn(xt)).std() < 0.2  # noisy train
+    xv, yv = dm.val_set.tensors()
+    assert torch.equal(yv, dm.target_fn(xv))  # clean val
+    same = Function1DDataModule(fn="abs", n_train=100, n_val=20, n_test=30, noise=0.1, x_low=-1, x_high=2, seed=3)
+    same.setup()
+    assert torch.equal(same.train_set.x, xt)
+    with pytest.raises(ConfigError, match="data.x_low"):
+        Function1DDataModule(x_low=1, x_high=1)
+
+
+def test_blobs_binary_perceptron_separable():
+    from sklearn.linear_model import Perceptron
+
+    dm = BlobsDataModule(n_samples=400, separation=0.3, seed=1)
+    assert dm.info() == {"input_shape": (2,), "num_classes": 2}
+    dm.setup()
+    x, y = dm.train_set.tensors()
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1] == 2
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 400
+    xa, ya = dm.generate()
+    assert torch.bincount(ya).tolist() == [200, 200]
+    clf = Perceptron(fit_intercept=False, max_iter=1000, tol=None).fit(xa.numpy(), ya.numpy())
+    assert clf.score(xa.numpy(), ya.numpy()) == 1.0
+
+
+@pytest.mark.parametrize("num_classes, n_features", [(2, 1), (4, 2), (5, 3)])
+def test_blobs_margin_guaranteed(num_classes, n_features):
+    dm = BlobsDataModule(n_samples=500, n_features=n_features, num_classes=num_classes, separation=0.25)
+    x, y = dm.generate()
+    c = dm.centers
+    scores = x @ c.T - 0.5 * (c * c).sum(1)  # the linear nearest-centre classifier
+    assert torch.equal(scores.argmax(1), y)
+    # distance to the boundary with every other class j: (s_y - s_j) / |c_y - c_j|
+    own = scores.gather(1, y[:, None])
+    dist = (own - scores) / (c[y][:, None, :] - c[None]).norm(dim=2).clamp_min(1e-12)
+    dist[torch.arange(len(y)), y] = float("inf")
+    assert dist.min() >= 0.25 - 1e-4

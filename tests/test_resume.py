@@ -1,0 +1,80 @@
+"""`litlab resume` continues the SAME MLflow run: same id, steps continue, no duplicate steps,
+also after the training process was SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from helpers import MLP_DIGITS, QUICK, cli_env, litlab_cmd, metric_steps
+from litlab import runner
+from litlab.errors import UserError
+
+
+def _assert_no_duplicate_steps(uri, run_id):
+    for key, steps in metric_steps(uri, run_id).items():
+        if key.startswith("system/"):
+            continue
+        assert len(steps) == len(set(steps)), f"{key} has duplicate steps: {sorted(steps)}"
+
+
+def test_resume_extends_the_same_run(tracking_uri):
+    first = runner.run(MLP_DIGITS, QUICK, tracking_uri=tracking_uri)
+    steps_before = metric_steps(tracking_uri, first.run_id)
+    second = runner.resume(first.run_id, ["trainer.max_epochs=4"], tracking_uri=tracking_uri)
+    assert second.run_id == first.run_id
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["litlab.resumes"] == "1"
+    steps = metric_steps(tracking_uri, first.run_id)
+    assert len(steps["val/acc"]) == 4  # epochs 0..3, two from each segment
+    assert sorted(steps["val/acc"]) == sorted(set(steps["val/acc"]))
+    assert max(steps["train/loss_step"]) > max(steps_before["train/loss_step"])  # steps continue
+    _assert_no_duplicate_steps(tracking_uri, first.run_id)
+
+
+def test_resume_refuses_model_changes(tracking_uri):
+    first = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"],
+                       tracking_uri=tracking_uri)
+    with pytest.raises(UserError, match="config hash"):
+        runner.resume(first.run_id, ["model.hidden=[64]"], tracking_uri=tracking_uri)
+
+
+def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
+    epochs = 12
+    cmd = litlab_cmd("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK,
+                     f"trainer.max_epochs={epochs}", "data.batch_size=16")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    run_id = None
+    try:
+        for line in proc.stderr:  # the run id is printed before training starts
+            if line.startswith("litlab: started run "):
+                run_id = line.split()[3]
+                break
+        assert run_id, "no run id printed"
+        last = tmp_path / "mlruns" / "checkpoints" / run_id / "last.ckpt"
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert last.exists() and proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.3)  # now in the middle of a later epoch
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    c = MlflowClient(tracking_uri=tracking_uri)
+    assert c.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so; resume takes it over
+
+    result = runner.resume(run_id, tracking_uri=tracking_uri)
+    assert result.run_id == run_id and result.status == "FINISHED"
+    assert c.get_run(run_id).info.status == "FINISHED"
+    steps = metric_steps(tracking_uri, run_id)
+    assert len(steps["val/acc"]) == epochs, sorted(steps["val/acc"])  # every epoch once: no gap, no duplicate
+    _assert_no_duplicate_steps(tracking_uri, run_id)
+    assert "test/acc" in result.metrics
