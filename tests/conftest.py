@@ -8,6 +8,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# One intra-op thread: tiny models gain nothing from more, and on 2 busy cores OpenMP spinning makes
+# steps 10-100x slower. Subprocesses (CLI, DDP ranks) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402

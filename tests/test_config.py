@@ -55,7 +55,7 @@ def test_identity_hash_ignores_training_length_only():
         (["trainer.max_epochs=1e12"], "trainer.max_epochs", "out of range"),
         (["trainer.precision=8"], "trainer.precision", "not allowed"),
         (["trainer.strategy=horovod"], "trainer.strategy", "not allowed"),
-        (["trainer.devices=-2"], "trainer.devices", "expected"),
+        (["trainer.devices=-2"], "trainer.devices", "out of range"),
         (["trainer.deterministic=maybe"], "trainer.deterministic", "expected true or false"),
         (["model.dropout=1.5"], "model.dropout", "out of range"),
         (["model.activation=swish"], "model.activation", "not allowed"),

@@ -124,8 +124,9 @@ def test_warmup_is_a_linear_ramp_then_cosine():
 
 
 def test_fractional_warmup_epochs_round_to_steps():
-    f = build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0),
-                        SchedulerConfig(name="warmup_cosine", warmup_epochs=0.5), total_steps=50, max_epochs=5).lr_lambdas[0]
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = SchedulerConfig(name="warmup_cosine", warmup_epochs=0.5)
+    f = build_scheduler(opt, cfg, total_steps=50, max_epochs=5).lr_lambdas[0]
     assert f.warmup_steps == 5 and f.total_steps == 50
 
 
@@ -153,7 +154,8 @@ def test_scheduler_applies_to_every_param_group_with_its_own_floor():
 @pytest.mark.parametrize(
     "kw, total, epochs, match",
     [
-        (dict(name="warmup_cosine", warmup_epochs=50), 200, 20, r"optim.scheduler.warmup_epochs: 50 >= trainer.max_epochs 20"),
+        (dict(name="warmup_cosine", warmup_epochs=50), 200, 20,
+         r"optim.scheduler.warmup_epochs: 50 >= trainer.max_epochs 20"),
         (dict(name="warmup_cosine", warmup_epochs=20), 200, 20, "warmup_epochs"),
         (dict(name="warmup_cosine", warmup_epochs=0.99), 1, 1, "warmup_epochs"),  # rounds to every step
         (dict(name="cosine", warmup_epochs=2), 100, 10, "only used by optim.scheduler.name=warmup_cosine"),

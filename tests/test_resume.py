@@ -45,9 +45,9 @@ def test_resume_refuses_model_changes(tracking_uri):
 
 
 def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
-    epochs = 12
+    epochs = 20
     cmd = litlab_cmd("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK,
-                     f"trainer.max_epochs={epochs}", "data.batch_size=16")
+                     f"trainer.max_epochs={epochs}", "data.batch_size=8")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     run_id = None
@@ -62,7 +62,7 @@ def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
         while not last.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert last.exists() and proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.3)  # now in the middle of a later epoch
+        time.sleep(0.1)  # now in the middle of a later epoch
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

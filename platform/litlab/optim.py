@@ -174,5 +174,6 @@ def build_scheduler(
             raise ConfigError(f"{key}.warmup_epochs", f"{cfg.warmup_epochs:g} epochs = {warmup_steps} steps "
                                                       f">= {total_steps} training steps")
     elif cfg.name != "cosine":
-        raise ConfigError(f"{key}.name", f"{cfg.name!r} is not allowed: choose one of none, step, cosine, warmup_cosine")
+        raise ConfigError(f"{key}.name", f"{cfg.name!r} is not allowed: choose one of none, step, cosine, "
+                                         "warmup_cosine")
     return LambdaLR(optimizer, [WarmupCosine(total_steps, warmup_steps, cfg.min_lr / lr) for lr in base_lrs])

@@ -113,10 +113,6 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
     ckpt_dir = ckpt_dir or (Path(cfg.callbacks.checkpoint.dirpath) / run_id).resolve()
     if rank == 0 and use_mlflow:
         tracking.set_tags(uri, run_id, {"litlab.checkpoint_dir": str(ckpt_dir)})
-    if rank == 0 and verbose:
-        what = "resuming" if resume_from else "started"
-        print(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
-              f"{uri if use_mlflow else 'not tracked'})", file=sys.stderr, flush=True)
 
     tracker = sysmon = None
     fit_started = False
@@ -139,6 +135,10 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
             tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
             sysmon = _start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
 
+        if rank == 0 and verbose:
+            what = "resuming" if resume_from else "started"
+            print(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
+                  f"{uri if use_mlflow else 'not tracked'})", file=sys.stderr, flush=True)
         os.environ[RUN_ID_ENV] = run_id
         fit_started = True
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from.checkpoint) if resume_from else None)

@@ -49,6 +49,8 @@ def print_runs(tracking_uri: str | None, experiment: str | None, limit: int) -> 
     uri = resolve_tracking_uri(tracking_uri)
     runs = fetch_runs(uri, experiment, limit)
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=220)
     if not runs:
         console.print(f"no runs in {uri} yet: try `litlab run experiments/mlp/mlp_digits.yaml`")
         return

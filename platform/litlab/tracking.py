@@ -6,8 +6,9 @@
   config, or re-attach to one for `litlab resume` (same run id).
 - `MlflowTracker`: a Lightning Logger that never makes one HTTP call per metric per step. Points
   are queued and sent with `log_batch` from a background thread every `flush_interval` seconds.
-  On resume it drops points whose step the run already holds, so replayed steps (between the last
-  checkpoint and a crash) are never duplicated.
+  Each key's history is a function of the step: a point whose step is not past the key's last
+  logged step is dropped. That removes Lightning's repeats (`epoch` is sent with every call) and,
+  on resume, the replayed steps between the last checkpoint and a crash.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class MlflowTracker(Logger):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.flush_interval = flush_interval
-        self._skip_until = dict(last_logged_steps or {})
+        self._last_step = dict(last_logged_steps or {})
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self._error: Exception | None = None
@@ -177,8 +178,9 @@ class MlflowTracker(Logger):
         now = int(time.time() * 1000)
         points = []
         for key, value in metrics.items():
-            if step <= self._skip_until.get(key, -1):
-                continue  # already in the run from before the resume
+            if step <= self._last_step.get(key, -1):
+                continue  # already logged at this step (or before a resume)
+            self._last_step[key] = step
             points.append(Metric(key=key, value=float(value), timestamp=now, step=step))
         if points:
             self._ensure_worker()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from litlab.chapters.mlp.nets import MLP, Perceptron, SigmoidNet, flat_size
+from litlab.errors import ConfigError
 from litlab.module import ClassifierModule, LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
@@ -83,11 +84,13 @@ class PerceptronClassifier(ClassifierModule):
     mode="online": samples one at a time in loader order (Rosenblatt); "batch": the sum of the
     updates of a batch's mistakes, all computed with the W from the start of the batch.
     If the data are linearly separable, online training makes finitely many mistakes (Novikoff 1962),
-    so train/errors (mistakes per epoch) reaches 0. No optimiser: configure_optimizers returns None
-    (Lightning warns once and runs). val/loss and test/loss are the ERROR RATE (1 - accuracy), so that
-    a checkpoint monitoring val/loss (mode min) works; cross-entropy of perceptron scores would be
-    meaningless (their scale is arbitrary). Incompatible with gradient clipping, accumulate_grad_batches
-    > 1 (manual optimisation) and DDP (no parameter needs a gradient).
+    so train/errors (mistakes per epoch) reaches 0.
+
+    No optimiser: configure_optimizers returns None (Lightning warns once and runs).
+    train/loss, val/loss and test/loss are the ERROR RATE (1 - accuracy), so that a checkpoint
+    monitoring val/loss (mode min) works; the cross-entropy of perceptron scores would be
+    meaningless (their scale is arbitrary). Incompatible with gradient clipping,
+    accumulate_grad_batches > 1 (manual optimisation), 16-mixed and DDP (nothing needs a gradient).
     """
 
     def __init__(
@@ -108,8 +111,6 @@ class PerceptronClassifier(ClassifierModule):
 
     def on_fit_start(self):
         if str(self.trainer.precision) == "16-mixed":  # the grad scaler asserts that some gradient exists
-            from litlab.errors import ConfigError
-
             raise ConfigError("trainer.precision", "16-mixed needs gradients; the perceptron has none: "
                                                    "use 32, 64 or bf16-mixed")
 
@@ -124,10 +125,11 @@ class PerceptronClassifier(ClassifierModule):
         # No-op step of the placeholder optimiser: counts this batch in trainer.global_step, without
         # which ModelCheckpoint never saves (it skips when global_step has not moved) and max_steps fails.
         self.optimizers().step()
-        errors = (y_hat != y).sum()
-        acc = self.metrics["train_acc"]  # accuracy of the predictions made before each update
+        wrong = (y_hat != y).float()  # the predictions made before each sample's own update
+        acc = self.metrics["train_acc"]
         acc.update(y_hat, y)
-        self.log("train/errors", errors.float(), on_step=False, on_epoch=True, reduce_fx="sum", prog_bar=True)
+        self.log("train/errors", wrong.sum(), on_step=False, on_epoch=True, reduce_fx="sum", prog_bar=True)
+        self.log("train/loss", wrong.mean(), on_step=False, on_epoch=True)  # error rate, as val/loss
         self.log("train/acc", acc, on_step=False, on_epoch=True)
 
     def _shared_step(self, batch, stage: str):
