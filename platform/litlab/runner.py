@@ -296,8 +296,21 @@ def _start_system_metrics(cfg: Config, uri: str, run_id: str, resumed: bool):
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    class FinalSampleMonitor(SystemMetricsMonitor):
+        """MLflow's monitor publishes only every full interval; also publish what was sampled at the
+        end, so runs shorter than the interval still get system/* metrics."""
+
+        def finish(self):
+            super().finish()
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception as e:
+                logging.getLogger(__name__).warning("could not log final system metrics: %s", e)
+
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval,
+    monitor = FinalSampleMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval,
                                    resume_logging=resumed, tracking_uri=uri)
     monitor.start()
     return monitor
