@@ -105,6 +105,8 @@ def test_bad_override_syntax():
         (["run", str(MLP_DIGITS), "optim.lr=-3"], "optim.lr: -3.0 is out of range"),
         (["run", str(MLP_DIGITS), "model.name=resnet999"], "model.name: unknown name"),
         (["run", str(MLP_DIGITS), "trainer.accelerator=gpu"], "trainer:"),  # no GPU here; skipped below if one
+        (["run", str(MLP_DIGITS), "optim.scheduler.name=step", "optim.scheduler.step_size=500"],
+         "optim.scheduler.step_size: 500 >= trainer.max_epochs"),  # found inside fit, still no run left
         (["resume", "0123456789abcdef"], "no run '0123456789abcdef'"),
         (["runs", "--experiment", "nope"], "no experiment 'nope'"),
     ],

@@ -104,6 +104,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     for name in ("lightning.fabric.utilities.seed", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())  # an advert, not information
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 

@@ -16,13 +16,24 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
 from litlab import config as config_mod
-from litlab import registry
+from litlab import registry, tracking
+from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_callbacks, find_last_checkpoint,
+                                  read_metadata)
+from litlab.plots import learning_curves
+from litlab.provenance import device_description, git_info, process_alive, version_tags
 from litlab.config import Config
 from litlab.errors import UserError
 
@@ -59,8 +70,6 @@ def load_config(source: str | Path | dict, overrides: list[str] | dict | None = 
 
 
 def _rank() -> int:
-    from lightning.pytorch.utilities import rank_zero_only
-
     return int(getattr(rank_zero_only, "rank", 0))
 
 
@@ -68,11 +77,6 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         tracking_uri: str | None = None, resume_from: ResumeFrom | None = None,
         callbacks: list | None = None, parent_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None, verbose: bool = False) -> RunResult:
-    import lightning as L
-
-    from litlab import tracking
-    from litlab.checkpointing import RunMetadata, checkpoint_callbacks
-
     cfg = source if isinstance(source, Config) else load_config(source, overrides)
     source_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
     rank = _rank()
@@ -114,7 +118,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
     if rank == 0 and use_mlflow:
         tracking.set_tags(uri, run_id, {"litlab.checkpoint_dir": str(ckpt_dir)})
 
-    tracker = sysmon = None
+    tracker = sysmon = trainer = None
     fit_started = False
     previous_env = os.environ.get(RUN_ID_ENV)
     try:
@@ -128,17 +132,15 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         best_cb, last_cb = checkpoint_callbacks(ckpt_dir, ck.monitor, ck.mode, ck.save_top_k, ck.every_n_train_steps)
         cbs = [RunMetadata(run_id, config_hash, cfg.to_dict()), best_cb, last_cb, *_optional_callbacks(cfg, loggers),
                *(callbacks or [])]
+        if rank == 0 and verbose:
+            what = "resuming" if resume_from else "started"
+            cbs.append(_Announce(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
+                                 f"{uri if use_mlflow else 'not tracked'})"))
         trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir)
         if rank == 0 and use_mlflow:
-            from litlab.provenance import device_description
-
             tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
             sysmon = _start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
 
-        if rank == 0 and verbose:
-            what = "resuming" if resume_from else "started"
-            print(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
-                  f"{uri if use_mlflow else 'not tracked'})", file=sys.stderr, flush=True)
         os.environ[RUN_ID_ENV] = run_id
         fit_started = True
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from.checkpoint) if resume_from else None)
@@ -158,7 +160,10 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
                          _experiment_id(uri, run_id) if use_mlflow and rank == 0 else None, cfg)
     except BaseException as e:
         if rank == 0 and use_mlflow:
-            _close_failed(uri, run_id, e, tracker, sysmon, delete=created and not fit_started)
+            # A config mistake found before any optimiser step (e.g. in configure_optimizers) is not
+            # an experiment: remove the run rather than leave a FAILED husk.
+            untrained = not fit_started or (trainer is not None and trainer.global_step == 0)
+            _close_failed(uri, run_id, e, tracker, sysmon, delete=created and untrained)
         raise
     finally:
         if previous_env is None:
@@ -172,9 +177,6 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
     """Continue RUN_ID from its last checkpoint in the same MLflow run (same id, steps continue)."""
     from mlflow.exceptions import MlflowException
 
-    from litlab import tracking
-    from litlab.checkpointing import find_last_checkpoint, read_metadata
-    from litlab.provenance import process_alive
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     try:
@@ -200,19 +202,27 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
 
 
 # ------------------------------------------------------------------------------------ helpers
+class _Announce(Callback):
+    """Prints the run id once training really starts (after the optimiser was configured), so a
+    user who must resume a killed run has its id, and a config error shows as its one line alone."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            print(self.message, file=sys.stderr, flush=True)
+
+
 def _args(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "name"}
 
 
 def _run_name(cfg: Config) -> str:
-    import time
-
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _tags(cfg: Config, model_entry, source_dir: Path) -> dict[str, str]:
-    from litlab.provenance import git_info, version_tags
-
     ck = cfg.callbacks.checkpoint
     return {
         "litlab.model": cfg.model["name"],
@@ -227,8 +237,6 @@ def _tags(cfg: Config, model_entry, source_dir: Path) -> dict[str, str]:
 
 
 def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[str, int]:
-    from litlab import tracking
-
     prev = tracking.client(uri).get_run(run_id).data.tags
     n = int(prev.get("litlab.resumes", "0")) + 1
     steps = tracking.attach_run(uri, run_id, {**{k: v for k, v in tags.items() if not k.startswith("git.")},
@@ -238,8 +246,6 @@ def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[st
 
 
 def _optional_callbacks(cfg: Config, loggers: list) -> list:
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
-
     out = []
     if cfg.callbacks.lr_monitor and loggers:
         out.append(LearningRateMonitor(logging_interval="epoch"))
@@ -252,11 +258,6 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
 
 
 def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path):
-    import lightning as L
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from litlab.checkpointing import AtomicCheckpointIO
-
     t = cfg.trainer
     optional = {k: getattr(t, k) for k in ("val_check_interval", "limit_train_batches", "limit_val_batches",
                                           "limit_test_batches", "gradient_clip_val", "benchmark")
@@ -278,8 +279,6 @@ def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path):
 
 
 def _wandb_logger(cfg: Config, run_id: str):
-    from lightning.pytorch.loggers import WandbLogger
-
     save_dir = Path("mlruns") / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project=cfg.tracking.wandb_project, name=cfg.tracking.run_name or cfg.name,
@@ -317,9 +316,6 @@ def _start_system_metrics(cfg: Config, uri: str, run_id: str, resumed: bool):
 
 
 def _upload_outputs(uri: str, run_id: str, cfg: Config, best: str | None, last: str | None) -> None:
-    from litlab import tracking
-    from litlab.plots import learning_curves
-
     c = tracking.client(uri)
     if cfg.tracking.log_checkpoints and (best or last):
         with tempfile.TemporaryDirectory() as tmp:
@@ -343,8 +339,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, delete: bool) -> None:
-    from litlab import tracking
-
     killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
     try:
         if tracker is not None:
@@ -362,6 +356,4 @@ def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, de
 
 
 def _experiment_id(uri: str, run_id: str) -> str | None:
-    from litlab import tracking
-
     return tracking.client(uri).get_run(run_id).info.experiment_id

@@ -1,0 +1,25 @@
+"""GPU checks (mixed precision learns as on the CPU). Skipped cleanly where there is no GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import EXPERIMENTS
+from litlab import runner
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DIGITS = [p for p in EXPERIMENTS if "digits" in p.name and "perceptron" not in p.name]
+BARS = {"mlp_digits.yaml": 0.95, "lenet_digits.yaml": 0.97, "resnet_digits.yaml": 0.97}
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("path", DIGITS, ids=lambda p: p.stem)
+def test_digits_learn_on_gpu_with_mixed_precision(path, precision, tracking_uri):
+    if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    result = runner.run(path, ["trainer.accelerator=gpu", "trainer.devices=1", f"trainer.precision={precision}",
+                               "tracking.system_metrics=false"], tracking_uri=tracking_uri)
+    assert result.status == "FINISHED"
+    assert result.metrics["test/acc"] >= BARS.get(path.name, 0.9), result.metrics
