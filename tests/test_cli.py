@@ -63,3 +63,41 @@ def test_dry_run_prints_resolved_config(capsys):
     assert main(["run", str(MLP_DIGITS), "--dry-run", "optim.lr=0.02"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.02" in out and "num_classes: 10" in out
+
+
+def test_ui_serves_the_same_store(tracking_uri, tmp_path):
+    """`litlab ui` starts the MLflow UI on 127.0.0.1 over litlab's store; the run is visible there."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    from helpers import cli_env, litlab_cmd
+
+    result = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"],
+                        tracking_uri=tracking_uri)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(litlab_cmd("ui", "--port", str(port), "--tracking-uri", tracking_uri), cwd=tmp_path,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        body = None
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/get?run_id={result.run_id}")
+                body = json.load(urllib.request.urlopen(req, timeout=5))
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "UI never answered"
+        assert body["run"]["info"]["run_id"] == result.run_id
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert "<html" in page.lower()
+    finally:
+        import os
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
