@@ -77,7 +77,7 @@ def test_conv_parameter_count(c_in, c_out, f):
 
 
 def test_every_conv_in_the_chapter_matches_the_formula():
-    nets = [LeNet5(), ResNet("basic", [1, 1, 1], [16, 32, 64], 1, 10, stem="small"),
+    nets = [LeNet5(), ResNet("basic", [1, 1, 1], [16, 32, 64], 1, 10, stem="cifar"),
             ResNet("bottleneck", [1, 1], [8, 16], 3, 10, stem="imagenet")]
     convs = [m for net in nets for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) > 10
@@ -89,7 +89,7 @@ def test_every_conv_in_the_chapter_matches_the_formula():
 
 # ---------------------------------------------------------------- ResNet
 def test_resnet_shapes_through_every_stage():
-    net = ResNet("basic", [1, 1, 1], [16, 32, 64], in_channels=1, num_classes=10, stem="small")
+    net = ResNet("basic", [1, 1, 1], [16, 32, 64], in_channels=1, num_classes=10, stem="cifar")
     x = torch.randn(2, 1, 8, 8)
     assert net.stem(x).shape == (2, 16, 8, 8)  # the small stem keeps 8x8
     assert stage_shapes(net.stages, net.stem(x)) == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
@@ -124,9 +124,9 @@ def test_resnet_projects_once_per_stage_that_changes_shape():
     def projections(net):
         return sum(not isinstance(m.shortcut, nn.Identity) for m in net.modules() if hasattr(m, "shortcut"))
 
-    assert projections(ResNet("basic", [2, 2, 2], [16, 32, 64], 1, 10, stem="small")) == 2  # stages 2, 3
-    assert projections(ResNet("basic", [2, 2], [16, 16], 1, 10, stem="small")) == 1  # stride 2 alone
-    assert projections(ResNet("bottleneck", [2, 2], [16, 32], 1, 10, stem="small")) == 2  # 16 -> 64 at stage 1
+    assert projections(ResNet("basic", [2, 2, 2], [16, 32, 64], 1, 10, stem="cifar")) == 2  # stages 2, 3
+    assert projections(ResNet("basic", [2, 2], [16, 16], 1, 10, stem="cifar")) == 1  # stride 2 alone
+    assert projections(ResNet("bottleneck", [2, 2], [16, 32], 1, 10, stem="cifar")) == 2  # 16 -> 64 at stage 1
 
 
 def _bn_eval(x, bn):

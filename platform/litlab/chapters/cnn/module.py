@@ -77,4 +77,4 @@ class ResNetSmallClassifier(ClassifierModule):
             raise ConfigError("model.blocks", f"{len(blocks)} stages halve a {h}x{w} image "
                               f"{len(blocks) - 1} times: use fewer stages or larger images")
         self.net = ResNet(block, list(blocks), list(widths), in_channels=c, num_classes=num_classes,
-                          stem="small", pool=pool, dropout=dropout)
+                          stem="cifar", pool=pool, dropout=dropout)

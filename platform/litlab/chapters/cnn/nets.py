@@ -5,7 +5,7 @@ Shapes are written (B, C, H, W). `ResNet` is the one builder behind every ResNet
     ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], 3, 1000, stem="imagenet")       # ResNet-18
     ResNet("basic", [3, 4, 6, 3], [64, 128, 256, 512], 3, 1000, stem="imagenet")       # ResNet-34
     ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], 3, 1000, stem="imagenet")  # ResNet-50
-    ResNet("basic", [1, 1, 1], [16, 32, 64], 1, 10, stem="small")                      # 8x8 digits
+    ResNet("basic", [1, 1, 1], [16, 32, 64], 1, 10, stem="cifar")                      # 8x8 digits
 """
 
 from __future__ import annotations
@@ -72,7 +72,22 @@ def projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
                          nn.BatchNorm2d(out_channels))
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """y = relu(F(x) + W_s x): subclasses build `residual` (F) and `shortcut` (W_s, identity or
+    projection)."""
+
+    residual: nn.Sequential
+    shortcut: nn.Module
+    act: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.residual(x) + self.shortcut(x))
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.residual[-1]
+
+
+class BasicBlock(ResidualBlock):
     """y = relu(F(x, {W_1, W_2}) + W_s x), F = BN(conv3x3(relu(BN(conv3x3_stride(x))))).
 
     (B, C_in, H, W) -> (B, width, H/stride, W/stride); W_s is the identity unless that changes the
@@ -91,14 +106,8 @@ class BasicBlock(nn.Module):
         self.shortcut = projection(in_channels, self.out_channels, stride)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.residual(x) + self.shortcut(x))
 
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.residual[-1]
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """y = relu(F(x) + W_s x), F = 1x1 reduce (width) -> 3x3 stride (width) -> 1x1 expand (4*width).
 
     (B, C_in, H, W) -> (B, 4*width, H/stride, W/stride). The stride sits on the 3x3 conv (the
@@ -118,12 +127,6 @@ class Bottleneck(nn.Module):
         self.shortcut = projection(in_channels, self.out_channels, stride)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.residual(x) + self.shortcut(x))
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.residual[-1]
-
 
 BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -132,20 +135,20 @@ def make_stem(kind: str, in_channels: int, width: int) -> tuple[nn.Module, int]:
     """The layers before the first stage, and by how much they shrink H and W.
 
     imagenet: conv7x7/2 + max-pool 3x3/2 (224 -> 56), He et al. 2015 for ImageNet.
-    cifar:    conv3x3/1 (32 -> 32), He et al. 2015 section 4.2 and ResNet-18-on-CIFAR adaptations.
-    small:    conv3x3/1 (8 -> 8), the same layers as cifar: the name says the input is tiny (<= 16 px,
-              e.g. 8x8 digits), where the imagenet stem would leave a 2x2 map before any block.
+    cifar:    conv3x3/1 (32 -> 32), He et al. 2015 section 4.2 and ResNet-18-on-CIFAR adaptations;
+              also the stem for tiny inputs (8x8 digits), where the imagenet stem would leave a 2x2
+              map before any block.
     """
     if kind == "imagenet":
         return nn.Sequential(
             nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
             nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
         ), 4
-    if kind in ("cifar", "small"):
+    if kind == "cifar":
         return nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
         ), 1
-    raise ValueError(f"unknown stem {kind!r}: choose cifar, imagenet or small")
+    raise ValueError(f"unknown stem {kind!r}: choose cifar or imagenet")
 
 
 class ResNet(nn.Module):
@@ -159,7 +162,7 @@ class ResNet(nn.Module):
 
     def __init__(self, block: str | type[nn.Module], layers: list[int], widths: list[int],
                  in_channels: int = 3, num_classes: int = 1000,
-                 stem: Literal["cifar", "imagenet", "small"] = "imagenet", pool: Literal["avg", "max"] = "avg",
+                 stem: Literal["cifar", "imagenet"] = "imagenet", pool: Literal["avg", "max"] = "avg",
                  dropout: float = 0.0, zero_init_residual: bool = False):
         super().__init__()
         block = BLOCKS[block] if isinstance(block, str) else block
