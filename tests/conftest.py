@@ -22,3 +22,22 @@ def tracking_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py): a SQLAlchemy URL,
+    `postgresql+psycopg2://litlab:...@127.0.0.1:PORT/litlab`. Skipped where PostgreSQL or psycopg2
+    is not installed; under CI (which installs both, see .ci/run) that is a failure instead."""
+    from postgres import PostgresUnavailable, postgres_server
+
+    missing = pytest.fail if os.environ.get("CI") else pytest.skip
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        missing("psycopg2 not installed: pip install -e '.[dev]' (or '.[postgres]')")
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as e:  # raised before the yield only
+        missing(str(e))

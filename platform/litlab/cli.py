@@ -61,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
     tracking_opt(ls)
 
+    w = sub.add_parser("sweep", help="run (or resume) an Optuna study over an experiment, tracked in MLflow",
+                       description="Run an Optuna study: one trial = one `litlab run` with sampled overrides, one MLflow "
+                                   "child run under the study's parent run. Rerunning the same command resumes the "
+                                   "study up to n_trials in total.")
+    w.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. sweeps/mlp_digits.yaml")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the sweep file (n_trials=5, sampler.seed=1)")
+    w.add_argument("--n-trials", type=int, metavar="N", help="trials in total (default: the sweep file's n_trials)")
+    w.add_argument("--workers", type=int, default=1, metavar="K", help="trials at once on this machine, one process each")
+    w.add_argument("--storage", metavar="URL", help="Optuna storage: sqlite:///FILE (default sqlite:///mlruns/optuna.db), "
+                                                   "journal:FILE, or an RDB URL shared by several machines")
+    w.add_argument("--study", metavar="NAME", help="study name (default: the sweep file's name)")
+    w.add_argument("--gpus-per-trial", type=int, metavar="G", help="give each trial G GPUs (CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--show", action="store_true", help="print the study's state and best trials; run nothing")
+    tracking_opt(w)
+    w.add_argument("-q", "--quiet", action="store_true")
+
     u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the same store",
                        description="Serve the MLflow UI on 127.0.0.1 over litlab's tracking store.")
     u.add_argument("--port", type=int, default=5000)
@@ -190,7 +206,30 @@ def cmd_ui(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "resume": cmd_resume, "models": cmd_models, "runs": cmd_runs, "ui": cmd_ui}
+def cmd_sweep(args) -> int:
+    _quiet_libraries()
+    from litlab.sweep import trial
+
+    if os.environ.get(trial.TRIAL_ENV) and _rank_from_env() != 0:
+        return trial.follow_ddp_trial()  # a DDP rank > 0 that Lightning launched for a trial
+    from litlab.sweep import driver
+
+    if args.show:
+        driver.show(args.sweep, args.overrides, storage=args.storage, study_name=args.study)
+        return 0
+    driver.sweep(args.sweep, args.overrides, n_trials=args.n_trials, workers=args.workers, storage=args.storage,
+                 study_name=args.study, tracking_uri=args.tracking_uri, gpus_per_trial=args.gpus_per_trial,
+                 quiet=args.quiet)
+    return 0
+
+
+def _rank_from_env() -> int:
+    """Non-zero in a process Lightning launched for another rank (it sets LOCAL_RANK / NODE_RANK)."""
+    return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0)
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "sweep": cmd_sweep, "models": cmd_models, "runs": cmd_runs,
+            "ui": cmd_ui}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,8 +76,13 @@ def _rank() -> int:
 def run(source: str | Path | dict | Config, overrides: list[str] | dict | None = None, *,
         tracking_uri: str | None = None, resume_from: ResumeFrom | None = None,
         callbacks: list | None = None, parent_run_id: str | None = None,
-        extra_tags: dict[str, str] | None = None, verbose: bool = False) -> RunResult:
+        extra_tags: dict[str, str] | None = None, verbose: bool = False, run_name: str | None = None,
+        experiment: str | None = None) -> RunResult:
     cfg = source if isinstance(source, Config) else load_config(source, overrides)
+    if run_name:
+        cfg.tracking.run_name = run_name
+    if experiment:
+        cfg.tracking.experiment = experiment
     source_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
     rank = _rank()
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
@@ -340,6 +345,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, delete: bool) -> None:
     killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    # An exception may say how the run ends (a pruned sweep trial ends FINISHED, stopped on purpose).
+    status = getattr(exc, "run_status", None) or ("KILLED" if killed else "FAILED")
     try:
         if tracker is not None:
             tracker.flush()
@@ -348,11 +355,13 @@ def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, de
         if delete and isinstance(exc, UserError):
             tracking.client(uri).delete_run(run_id)  # a config mistake found before training: no run
             return
-        reason = "interrupted" if killed else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        tracking.set_tags(uri, run_id, {"litlab.failure_reason": reason[:5000]})
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = "interrupted" if killed else f"{type(exc).__name__}: {first_line}"
+        tracking.set_tags(uri, run_id, {"litlab.stop_reason" if status == "FINISHED" else "litlab.failure_reason":
+                                        reason[:5000]})
     except Exception:
         pass
-    tracking.end_run(uri, run_id, "KILLED" if killed else "FAILED")
+    tracking.end_run(uri, run_id, status)
 
 
 def _experiment_id(uri: str, run_id: str) -> str | None:

@@ -32,6 +32,8 @@ class MLPClassifier(ClassifierModule):
     The penalties act on the Linear weight matrices only (not biases, not norm parameters). With
     plain SGD, the l2 term's gradient l2 * W is exactly optim.weight_decay = l2 (on the same weights).
     input_shape and num_classes are filled from the data's info() when left out.
+    width and depth (set both or neither) replace `hidden` by a uniform [width] * depth, so that a
+    sweep can vary the two independently.
     """
 
     def __init__(
@@ -44,10 +46,18 @@ class MLPClassifier(ClassifierModule):
         norm: Literal["none", "batch", "layer"] = "none",
         l1: NonNeg = 0.0,
         l2: NonNeg = 0.0,
+        width: Annotated[int, Range(ge=1, le=65536)] | None = None,
+        depth: Annotated[int, Range(ge=1, le=64)] | None = None,
     ):
         super().__init__(num_classes)
         self.save_hyperparameters()
         self.l1, self.l2 = l1, l2
+        if (width is None) != (depth is None):  # a sweep varies both; one alone is a mistake
+            missing, given = ("depth", "width") if depth is None else ("width", "depth")
+            raise ConfigError(f"model.{missing}", f"is required when model.{given} is set "
+                                                  "(hidden = [width] * depth), or leave both unset to use model.hidden")
+        if width is not None:
+            hidden = [width] * depth
         self.net = MLP(flat_size(input_shape), list(hidden), num_classes, activation, dropout, norm)
 
     def penalty_terms(self) -> tuple[torch.Tensor, torch.Tensor]:

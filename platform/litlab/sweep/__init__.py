@@ -1,0 +1,8 @@
+"""Optuna sweeps over litlab experiments: `litlab sweep SWEEP.yaml`.
+
+spec.py     the sweep file: schema, validation (exit 2 before any trial), sampler, pruner, space
+storage.py  Optuna storage by URL (sqlite, journal file, any RDB), the budget lock, heartbeats
+trial.py    one trial in its own process: ask, suggest, runner.run with pruning, tell; DDP followers
+driver.py   the study loop: parent MLflow run, K worker slots, resume, the end report
+report.py   best-trials table, the command reproducing the best trial, Optuna plots as artifacts
+"""

@@ -1,0 +1,259 @@
+"""The study loop behind `litlab sweep`.
+
+    spec -> study (created or resumed) -> parent MLflow run (created or reused) ->
+    K slots: [lock: fail stale trials, check budget, ask] -> trial process -> ... -> report
+
+Trials run in fresh processes forked from a pre-imported server (multiprocessing "forkserver" with
+litlab preloaded): isolation without paying the ~5 s Lightning import per trial. Rerunning the same
+command resumes the study: it continues to n_trials in total, retrying trials whose process died.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+import optuna
+
+from litlab import runner, tracking
+from litlab.config import flatten
+from litlab.errors import UserError
+from litlab.sweep import storage as st
+from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, load_spec
+from litlab.sweep.trial import TrialJob, run_trial
+
+PARENT_ATTR = "litlab.mlflow_parent_run_id"
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    storage_url: str
+    parent_run_id: str | None
+    budget: st.Budget
+    best_trials: list = field(default_factory=list)
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["litlab.sweep.trial"])
+    return ctx
+
+
+def gpu_slots(workers: int, gpus_per_trial: int | None, visible: list[int] | None) -> list[list[int] | None]:
+    """Pack K trial slots onto the GPUs, G each: slot i gets GPUs [i*G, (i+1)*G)."""
+    if not gpus_per_trial:
+        return [None] * workers
+    visible = list(range(_count_gpus())) if visible is None else visible
+    need = workers * gpus_per_trial
+    if need > len(visible):
+        raise UserError(f"--gpus-per-trial: {workers} workers x {gpus_per_trial} GPUs = {need} GPUs, "
+                        f"but {len(visible)} are visible")
+    return [visible[i * gpus_per_trial:(i + 1) * gpus_per_trial] for i in range(workers)]
+
+
+def _count_gpus() -> int:
+    import subprocess
+
+    try:  # ask the driver, not CUDA: the sweep process must not create a CUDA context before forking
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def open_study(spec: SweepSpec, url: str, name: str) -> optuna.Study:
+    storage = st.open_storage(url)
+    with st.budget_lock(url, name):
+        study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
+                                    sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True)
+    have = [d.name.lower() for d in study.directions]
+    if have != spec.directions:
+        raise UserError(f"direction: study {name!r} in {st.redact(url)} was created with {have}, the sweep file "
+                        f"says {spec.directions}; use another --study name")
+    return study
+
+
+def _parent_run(spec: SweepSpec, study: optuna.Study, url: str, tracking_uri: str, experiment: str) -> str:
+    """One MLflow parent run per study, found again on resume through a study user attribute."""
+    c = tracking.client(tracking_uri)
+    key = f"{PARENT_ATTR}.{hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]}"  # per tracking store
+    with st.budget_lock(url, study.study_name):
+        run_id = study.user_attrs.get(key)
+        if run_id:
+            try:
+                if c.get_run(run_id).info.lifecycle_stage == "active":
+                    c.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:
+                pass
+        spec_dict = spec.to_dict()
+        if spec_dict.get("storage"):
+            spec_dict["storage"] = st.redact(spec_dict["storage"])
+        params = flatten({"sweep": spec_dict})
+        run_id = tracking.start_run(tracking_uri, experiment, study.study_name, params,
+                                    {"litlab.sweep": "true", "optuna.study": study.study_name,
+                                     "optuna.storage": st.redact(url), "litlab.sweep_file": str(spec.path)},
+                                    spec.path.read_text())
+        study.set_user_attr(key, run_id)
+    return run_id
+
+
+def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None = None, workers: int = 1,
+          storage: str | None = None, study_name: str | None = None, tracking_uri: str | None = None,
+          gpus_per_trial: int | None = None, quiet: bool = False) -> SweepResult:
+    from litlab.sweep import report
+
+    spec = load_spec(path, overrides)
+    if n_trials is not None:
+        if n_trials < 1:
+            raise UserError("--n-trials: must be >= 1")
+        spec.n_trials = n_trials
+    if workers < 1:
+        raise UserError("--workers: must be >= 1")
+    slots = gpu_slots(workers, gpus_per_trial, None)
+    url = st.resolve_storage_url(storage or spec.storage)
+    name = study_name or spec.name
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    base = runner.load_config(spec.experiment, spec.overrides)
+    experiment = base.tracking.experiment or base.name
+    study = open_study(spec, url, name)
+    parent = _parent_run(spec, study, url, uri, experiment)
+    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    b = st.budget(study, spec.n_trials)
+    say(f"litlab sweep: study {name!r} in {st.redact(url)}: {b.done}/{spec.n_trials} trials done, "
+        f"{workers} worker(s); MLflow parent run {parent}")
+
+    ctx = _context()
+    driver_id = f"{socket.gethostname()}:{os.getpid()}"
+    running: dict[int, tuple[multiprocessing.Process, int]] = {}  # slot -> (process, trial number)
+    deadline = time.time() + spec.timeout if spec.timeout else None
+    stop_asking = False
+
+    def on_stale(t):
+        run_id = t.user_attrs.get("litlab.mlflow_run_id")
+        if run_id:
+            tracking.end_run(uri, run_id, "FAILED")
+
+    try:
+        while True:
+            free = [s for s in range(workers) if s not in running]
+            if deadline and time.time() > deadline and not stop_asking:
+                stop_asking = True
+                say(f"litlab sweep: timeout of {spec.timeout:g} s reached; finishing the running trials")
+            if free and not stop_asking:
+                with st.budget_lock(url, name):
+                    st.fail_stale_trials(study, spec.grace_period, spec.max_retries, on_stale)
+                    b = st.budget(study, spec.n_trials)
+                    trial = study.ask() if b.can_ask else None
+                    if trial is not None:
+                        st.beat(study, trial._trial_id)  # alive from the moment it exists
+                if trial is not None:
+                    job = TrialJob(spec, url, name, trial._trial_id, trial.number, uri, parent, experiment,
+                                   gpus=slots[free[0]], quiet=quiet, driver_id=driver_id)
+                    proc = ctx.Process(target=run_trial, args=(job,), name=f"litlab-trial-{trial.number}")
+                    proc.start()
+                    running[free[0]] = (proc, trial.number)
+                    continue
+                if b.finished:
+                    stop_asking = True
+            if not running:
+                if stop_asking:
+                    break
+                time.sleep(min(1.0, spec.heartbeat_interval))  # others hold the budget: wait for them
+                continue
+            ready = wait([p.sentinel for p, _ in running.values()], timeout=1.0)
+            for slot, (proc, number) in list(running.items()):
+                if proc.sentinel in ready or not proc.is_alive():
+                    proc.join()
+                    del running[slot]
+                    _after_trial(study, number, parent, uri, spec, say)
+    except KeyboardInterrupt:
+        say("litlab sweep: interrupted; stopping the running trials (rerun the same command to continue)")
+        for proc, _ in running.values():
+            proc.join(timeout=60)
+        tracking.end_run(uri, parent, "KILLED")
+        raise
+    except BaseException:
+        for proc, _ in running.values():
+            proc.terminate()
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+
+    b = st.budget(study, spec.n_trials)
+    c = tracking.client(uri)
+    report.log_study_plots(c, parent, study, spec.metrics)
+    tracking.end_run(uri, parent, "FINISHED")
+    best = study.best_trials if _any_complete(study) else []
+    if not quiet:
+        print_report(study, spec, best)
+    return SweepResult(name, url, parent, b, best)
+
+
+def _any_complete(study: optuna.Study) -> bool:
+    return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: SweepSpec, say) -> None:
+    """Log progress to the parent run and one line to the terminal."""
+    from mlflow.entities import Metric
+
+    trials = study.get_trials(deepcopy=False)
+    t = next((t for t in trials if t.number == number), None)
+    counts = {s: sum(1 for x in trials if x.state == s) for s in optuna.trial.TrialState}
+    now = int(time.time() * 1000)
+    done = counts[optuna.trial.TrialState.COMPLETE] + counts[optuna.trial.TrialState.PRUNED]
+    points = [Metric(f"trials_{s.name.lower()}", counts[s], now, done) for s in
+              (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)]
+    best_text = ""
+    if _any_complete(study):
+        if spec.multi_objective:
+            points.append(Metric("pareto_front_size", len(study.best_trials), now, done))
+        else:
+            points.append(Metric("best_value", study.best_value, now, done))
+            best_text = f"  best {study.best_value:.4g} (#{study.best_trial.number})"
+    tracking.client(uri).log_batch(parent, metrics=points)
+    if t is not None:
+        value = "" if t.values is None else " ".join(f"{m}={v:.4g}" for m, v in zip(spec.metrics, t.values))
+        secs = f"{t.duration.total_seconds():.1f}s" if t.duration else ""
+        say(f"trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}")
+
+
+def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:
+    """The best trials as a table and the exact command that reproduces the best one."""
+    from rich.console import Console
+
+    from litlab.sweep import report
+
+    console = Console(stderr=False)
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(report.best_trials_table(study, spec.metrics))
+    if best:
+        top = best[0]
+        experiment = os.path.relpath(spec.experiment)
+        overrides = top.user_attrs.get("litlab.overrides", [])
+        console.print(f"reproduce the best trial (#{top.number}):", style="bold")
+        console.print(report.reproduce_command(experiment, [], overrides), soft_wrap=True, markup=False)
+
+
+def show(path: str, overrides: list[str] | None = None, *, storage: str | None = None,
+         study_name: str | None = None) -> None:
+    """`litlab sweep SWEEP.yaml --show`: the study's state, without running anything."""
+    spec = load_spec(path, overrides)
+    url = st.resolve_storage_url(storage or spec.storage)
+    name = study_name or spec.name
+    try:
+        study = optuna.load_study(study_name=name, storage=st.open_storage(url))
+    except KeyError:
+        raise UserError(f"--study: no study {name!r} in {st.redact(url)} yet; run `litlab sweep {path}` first") from None
+    b = st.budget(study, spec.n_trials)
+    print(f"study {name!r} in {st.redact(url)}: {b.done}/{spec.n_trials} done, {b.running} running, "
+          f"{b.waiting} waiting")
+    print_report(study, spec, study.best_trials if _any_complete(study) else [])
