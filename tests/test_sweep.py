@@ -154,3 +154,18 @@ def test_show_and_bad_sweep_files(tmp_path, tracking_uri, capsys):
     assert main(["sweep", bad, "--storage", storage_of(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optim.lrr" in err[0]
+
+
+def test_multi_objective_sweep(tmp_path, tracking_uri, capsys):
+    sweep = write_sweep(tmp_path, n_trials=3, metric=["val/acc", "val/loss"], direction=["maximize", "minimize"],
+                        sampler={"name": "nsga2", "seed": 0}, pruner={"name": "none"})
+    result = driver.sweep(sweep, tracking_uri=tracking_uri, storage=storage_of(tmp_path))
+    study = optuna.load_study(study_name="tiny", storage=storage_of(tmp_path))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert len(done) == 3 and all(len(t.values) == 2 for t in done)
+    assert result.best_trials and {t.number for t in result.best_trials} <= {t.number for t in done}
+    parent = MlflowClient(tracking_uri=tracking_uri).get_run(result.parent_run_id)
+    assert parent.data.metrics["pareto_front_size"] == len(study.best_trials)
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "val/loss" in out and "litlab run" in out

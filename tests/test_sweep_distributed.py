@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from helpers import cli_env, litlab_cmd, run_cli
-from test_sweep import TINY, children_of, write_sweep
+from test_sweep import TINY, write_sweep
 
 
 def test_two_sweep_processes_share_one_postgres_study(tmp_path, tracking_uri, postgres_url):
@@ -37,11 +37,11 @@ def children_of_any(uri):
 
 
 def test_ddp_trial_is_one_trial_and_one_child_run_and_prunes_on_every_rank(tmp_path, tracking_uri):
-    # A grid of two learning rates: 3e-3 learns, 1e-6 does not and falls under the threshold -> pruned.
+    # A grid of two learning rates: 3e-2 learns, 1e-6 does not and falls under the threshold -> pruned.
     sweep = write_sweep(
-        tmp_path, n_trials=2, sampler={"name": "grid"}, pruner={"name": "threshold", "lower": 0.3},
+        tmp_path, n_trials=2, sampler={"name": "grid"}, pruner={"name": "threshold", "lower": 0.25},
         overrides=TINY + ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
-        space={"optim.lr": {"type": "categorical", "choices": [3e-3, 1e-6]}})
+        space={"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-6]}})
     proc = run_cli("sweep", sweep, "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", tracking_uri,
                    cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,7 +49,7 @@ def test_ddp_trial_is_one_trial_and_one_child_run_and_prunes_on_every_rank(tmp_p
     trials = study.get_trials()
     assert len(trials) == 2
     states = {t.params["optim.lr"]: t.state for t in trials}
-    assert states == {3e-3: TrialState.COMPLETE, 1e-6: TrialState.PRUNED}
+    assert states == {3e-2: TrialState.COMPLETE, 1e-6: TrialState.PRUNED}
     c = MlflowClient(tracking_uri=tracking_uri)
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert len(runs) == 3  # one parent + one child per trial, not one per rank

@@ -41,9 +41,24 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
+_ready: set[str] = set()
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
+    if uri.startswith("sqlite:///") and uri not in _ready:
+        # MLflow creates/migrates a new SQLite store when the first client is made; two processes
+        # doing it at once (two sweeps on a fresh store) break the migration. One at a time.
+        import fcntl
+
+        with open(uri[len("sqlite:///"):] + ".init-lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _ready.add(uri)
     return MlflowClient(tracking_uri=uri)
 
 
