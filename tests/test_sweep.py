@@ -169,3 +169,23 @@ def test_multi_objective_sweep(tmp_path, tracking_uri, capsys):
     assert parent.data.metrics["pareto_front_size"] == len(study.best_trials)
     out = capsys.readouterr().out
     assert "val/acc" in out and "val/loss" in out and "litlab run" in out
+
+
+def test_journal_file_storage(tmp_path, tracking_uri):
+    sweep = write_sweep(tmp_path, n_trials=2, pruner={"name": "none"}, sampler={"name": "cmaes", "seed": 0})
+    journal = f"journal:{tmp_path}/study.log"
+    driver.sweep(sweep, tracking_uri=tracking_uri, storage=journal, quiet=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(f"{tmp_path}/study.log")))
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+
+
+def test_gpu_slots_pack_trials_onto_gpus():
+    assert driver.gpu_slots(2, None, None) == [None, None]
+    assert driver.gpu_slots(2, 2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert driver.gpu_slots(3, 1, [4, 5, 6]) == [[4], [5], [6]]
+    from litlab.errors import UserError
+
+    with pytest.raises(UserError, match="4 GPUs, but 3 are visible"):
+        driver.gpu_slots(2, 2, [0, 1, 2])
