@@ -123,7 +123,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())  # an advert, not information
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def cmd_run(args) -> int:
@@ -134,7 +133,8 @@ def cmd_run(args) -> int:
         cfg = runner.load_config(args.experiment, args.overrides)
         print(cfg.to_yaml(), end="")
         return 0
-    result = runner.run(args.experiment, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)
+    result = runner.run(args.experiment, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet,
+                        quiet=args.quiet)
     _report(result, args.quiet)
     return 0
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from litlab.config import Config
 from litlab.errors import UserError
 
 RUN_ID_ENV = "LITLAB_RUN_ID"
+
+# Lightning 2.6 on torch 2.13 warns about its own internal use of a deprecated torch API on every fit.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @dataclass
@@ -77,7 +81,13 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         tracking_uri: str | None = None, resume_from: ResumeFrom | None = None,
         callbacks: list | None = None, parent_run_id: str | None = None,
         extra_tags: dict[str, str] | None = None, verbose: bool = False, run_name: str | None = None,
-        experiment: str | None = None) -> RunResult:
+        experiment: str | None = None, quiet: bool = False) -> RunResult:
+    """Train, validate and test one experiment, tracked; `quiet` drops Lightning's chatter (model
+    summary, progress bar, info lines), e.g. inside sweep trials."""
+    if quiet:
+        import logging
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     cfg = source if isinstance(source, Config) else load_config(source, overrides)
     if run_name:
         cfg.tracking.run_name = run_name
@@ -141,7 +151,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
             what = "resuming" if resume_from else "started"
             cbs.append(_Announce(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
                                  f"{uri if use_mlflow else 'not tracked'})"))
-        trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir)
+        trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir, quiet)
         if rank == 0 and use_mlflow:
             tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
             sysmon = _start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
@@ -262,7 +272,7 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
     return out
 
 
-def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path):
+def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, quiet: bool = False):
     t = cfg.trainer
     optional = {k: getattr(t, k) for k in ("val_check_interval", "limit_train_batches", "limit_val_batches",
                                           "limit_test_batches", "gradient_clip_val", "benchmark")
@@ -275,7 +285,8 @@ def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path):
             accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
             log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
             num_sanity_val_steps=t.num_sanity_val_steps, fast_dev_run=t.fast_dev_run,
-            enable_progress_bar=t.enable_progress_bar and sys.stderr.isatty(),
+            enable_progress_bar=t.enable_progress_bar and sys.stderr.isatty() and not quiet,
+            enable_model_summary=not quiet,
             logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
             default_root_dir=str(ckpt_dir), **optional)
     except (MisconfigurationException, ValueError, RuntimeError) as e:

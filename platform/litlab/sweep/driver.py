@@ -117,6 +117,7 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
     from multiprocessing import forkserver
 
     forkserver.ensure_running()  # its preload imports run while this process validates the sweep
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # litlab prints its own one line per trial
     spec = load_spec(path, overrides)
     if n_trials is not None:
         if n_trials < 1:

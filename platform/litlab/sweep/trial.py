@@ -129,7 +129,7 @@ def run_trial(job: TrialJob) -> None:
                 parent_run_id=job.parent_run_id,
                 extra_tags={"optuna.study": job.study_name, "optuna.trial_number": str(job.number),
                             "optuna.storage": st.redact(job.storage_url)},
-                run_name=_run_name(job), experiment=job.experiment_name)
+                run_name=_run_name(job), experiment=job.experiment_name, quiet=True)
             values = [objective_value(m, result, reporter) for m in spec.metrics]
             state = optuna.trial.TrialState.COMPLETE
         except PrunedRun:
@@ -177,7 +177,8 @@ def follow_ddp_trial() -> int:
     job = json.loads(os.environ[TRIAL_ENV])
     reporter = TrialReporter(None, job["metrics"], job["directions"], prune=job["prune"])
     try:
-        runner.run(job["experiment"], job["overrides"], tracking_uri=job["tracking_uri"], callbacks=[reporter])
+        runner.run(job["experiment"], job["overrides"], tracking_uri=job["tracking_uri"], callbacks=[reporter],
+                   quiet=True)
     except PrunedRun:
         pass
     return 0
