@@ -1,3 +1,3 @@
 """Course chapters; importing this package registers every chapter's models."""
 
-from litlab.chapters import cnn, mlp  # noqa: F401
+from litlab.chapters import cnn, detection, mlp, rnn, seq2seq  # noqa: F401

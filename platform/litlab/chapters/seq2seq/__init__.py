@@ -1,0 +1,1 @@
+"""Chapter package; importing it registers its models."""
