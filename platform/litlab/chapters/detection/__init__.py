@@ -1,1 +1,3 @@
-"""Chapter package; importing it registers its models."""
+"""Chapter 3, convolutional networks: a YOLO-style single-shot detector (importing registers it)."""
+
+from litlab.chapters.detection import module  # noqa: F401
