@@ -1,3 +1,3 @@
-"""Chapter 3, convolutional networks: LeNet-5 and residual networks (importing registers them)."""
+"""Chapter 3, convolutional networks: LeNet-5, AlexNet, VGG, ResNet-18/34/50, MobileNet (importing registers them)."""
 
 from litlab.chapters.cnn import module  # noqa: F401

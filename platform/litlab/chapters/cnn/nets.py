@@ -6,6 +6,9 @@ Shapes are written (B, C, H, W). `ResNet` is the one builder behind every ResNet
     ResNet("basic", [3, 4, 6, 3], [64, 128, 256, 512], 3, 1000, stem="imagenet")       # ResNet-34
     ResNet("bottleneck", [3, 4, 6, 3], [64, 128, 256, 512], 3, 1000, stem="imagenet")  # ResNet-50
     ResNet("basic", [1, 1, 1], [16, 32, 64], 1, 10, stem="cifar")                      # 8x8 digits
+    resnet(18, num_classes=10, in_channels=1, stem="cifar", width=0.25)                # the presets
+
+AlexNet, VGG and MobileNet are in zoo.py.
 """
 
 from __future__ import annotations
@@ -197,3 +200,33 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))  # (B, e*widths[-1], h, w)
         return self.head(self.pool(x))  # pool -> (B, C, 1, 1); flatten -> (B, C) -> (B, num_classes)
+
+
+# ---------------------------------------------------------------- the standard depths
+# depth -> (block, blocks per stage); the stage widths are 64-128-256-512 (x4 out of a bottleneck).
+# Depth counts the weighted layers on the main path: 1 stem conv + convs in the blocks + 1 linear,
+# e.g. 18 = 1 + 2*(2+2+2+2) + 1 and 50 = 1 + 3*(3+4+6+3) + 1.
+RESNET_LAYOUTS: dict[int, tuple[str, list[int]]] = {
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+}
+RESNET_WIDTHS = [64, 128, 256, 512]
+
+
+def scale_width(channels: int, multiplier: float) -> int:
+    """Channels of a layer under a width multiplier (alpha): round(alpha * c), at least 1."""
+    return max(1, round(channels * multiplier))
+
+
+def resnet(depth: int, num_classes: int = 1000, in_channels: int = 3, stem: Literal["cifar", "imagenet"] = "imagenet",
+           width: float = 1.0, pool: Literal["avg", "max"] = "avg", dropout: float = 0.0,
+           zero_init_residual: bool = False) -> ResNet:
+    """ResNet-18/34/50 (He et al. 2015), every stage width scaled by `width`. With stem="imagenet",
+    width=1 and 1000 classes these are torchvision's resnet18/34/50, parameter for parameter."""
+    if depth not in RESNET_LAYOUTS:
+        raise ValueError(f"no ResNet-{depth}: choose one of {sorted(RESNET_LAYOUTS)}")
+    block, layers = RESNET_LAYOUTS[depth]
+    widths = [scale_width(w, width) for w in RESNET_WIDTHS]
+    return ResNet(block, layers, widths, in_channels, num_classes, stem=stem, pool=pool, dropout=dropout,
+                  zero_init_residual=zero_init_residual)
