@@ -6,9 +6,11 @@ path of `litlab.data.memory`.
 """
 
 from litlab.data.base import LitlabDataModule
+from litlab.data.cifar import CIFAR10DataModule  # noqa: F401 (registers cifar10)
 from litlab.data.digits import DigitsDataModule
 from litlab.data.hf_images import HFImagesDataModule
 from litlab.data.memory import TensorBatchDataset, fast_loader
+from litlab.data.shapes import ShapesDataModule  # noqa: F401  (registers "shapes")
 from litlab.data.synthetic import BlobsDataModule, Function1DDataModule
 
 __all__ = [
@@ -20,3 +22,6 @@ __all__ = [
     "TensorBatchDataset",
     "fast_loader",
 ]
+from litlab.data.seq2seq_tasks import Seq2SeqTaskDataModule  # noqa: E402,F401
+from litlab.data.sequence_tasks import RecallDataModule  # noqa: E402,F401 (chapter 4: recall)
+from litlab.data.text import TextCharsDataModule  # noqa: E402,F401 (chapter 4: text_chars)
