@@ -268,3 +268,15 @@ def test_yolo_loss_falls_quickly_and_the_figure_is_logged(tmp_path):
     dets = model.detect(x[:2])
     assert len(dets) == 2 and set(dets[0]) == {"boxes", "scores", "labels"}
     assert ((dets[0]["boxes"] >= 0) & (dets[0]["boxes"] <= 64)).all()
+
+
+def test_map_metric_is_torchmetrics_where_it_can_run():
+    from litlab.chapters.detection.boxes import MeanAP, mean_average_precision
+
+    metric = mean_average_precision()
+    try:
+        import torchvision  # noqa: F401  (torchmetrics' mAP needs it)
+    except Exception:
+        assert isinstance(metric, MeanAP)
+    else:
+        assert type(metric).__name__ == "MeanAveragePrecision"

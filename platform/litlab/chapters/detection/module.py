@@ -3,7 +3,8 @@
 Batches are (images (B, 3, S, S), targets (B, M, 5)) with targets padded by -1 rows (see
 litlab.data.shapes). Logged: train/loss (per step and epoch) and its parts train/loss_coord,
 train/loss_obj, train/loss_noobj, train/loss_cls; the same for val/ and test/; val/map_50 and
-val/map every validation, test/map_50, test/map, test/map_75 (COCO mAP, boxes.MeanAP). Figures:
+val/map every validation, test/map_50, test/map, test/map_75 (COCO mAP: torchmetrics'
+MeanAveragePrecision where torchvision is installed, else boxes.MeanAP, its checked twin). Figures:
 plots/detections.png (sample validation images, truth vs predictions) at the end of fit, and
 plots/detections_epochNNN.png every `plot_every_n_epochs` epochs.
 """
@@ -15,7 +16,7 @@ from typing import Annotated, Literal
 import torch
 from torch import Tensor
 
-from litlab.chapters.detection.boxes import MeanAP
+from litlab.chapters.detection.boxes import mean_average_precision
 from litlab.chapters.detection.nets import YoloLoss, YoloNet
 from litlab.data.shapes import unpad
 from litlab.errors import ConfigError
@@ -68,7 +69,7 @@ class YoloDetector(LitlabModule):
             raise ConfigError("model.class_names", f"{len(class_names)} names for {num_classes} classes")
         self.net = YoloNet(c, h, num_classes, boxes_per_cell, list(widths), head_width, box_size)
         self.criterion = YoloLoss(lambda_coord, lambda_noobj, loss_form)
-        self.map = torch.nn.ModuleDict({"val": MeanAP(max_detections), "test": MeanAP(max_detections)})
+        self.map = torch.nn.ModuleDict({s: mean_average_precision(max_detections) for s in ("val", "test")})
         self._sample = None  # (images, targets, detections) of the first validation batch, on the CPU
 
     def forward(self, x: Tensor) -> Tensor:
