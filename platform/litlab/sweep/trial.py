@@ -162,9 +162,9 @@ def _run_name(job: TrialJob) -> str:
     return f"{job.study_name}-trial{job.number:03d}"
 
 
-def _tag_child(job: TrialJob, trial, state: str) -> None:
-    run_id = trial.user_attrs.get("litlab.mlflow_run_id") if hasattr(trial, "user_attrs") else None
-    run_id = run_id or trial.study._storage.get_trial(trial._trial_id).user_attrs.get("litlab.mlflow_run_id")
+def _tag_child(job: TrialJob, trial: optuna.trial.Trial, state: str) -> None:
+    """Tag the trial's MLflow child run (recorded by TrialReporter.on_fit_start) with its state."""
+    run_id = trial.user_attrs.get("litlab.mlflow_run_id")
     if run_id:
         try:
             tracking.set_tags(job.tracking_uri, run_id, {"optuna.state": state})
