@@ -41,3 +41,32 @@ def learning_curves(c, run_id: str, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def image_grid(images, title: str = "", nrow: int | None = None, labels=None, cmap: str = "gray"):
+    """Images (N, C, H, W) or (N, H, W), values in [0, 1] (clipped) -> a matplotlib Figure with the
+    images on a grid of `nrow` rows (default: about square), each optionally titled by `labels[i]`.
+    Used for sample grids, reconstructions and traversals of the generative chapters."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arr = images.detach().float().cpu().clamp(0, 1).numpy() if hasattr(images, "detach") else np.asarray(images)
+    if arr.ndim == 4:
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)  # (N, H, W) or (N, H, W, 3)
+    n = len(arr)
+    rows = nrow or max(1, int(np.floor(np.sqrt(n))))
+    cols = int(np.ceil(n / rows))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + (0.4 if title else 0)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(arr[i], cmap=cmap if arr.ndim == 3 else None, vmin=0, vmax=1)
+            if labels is not None:
+                ax.set_title(str(labels[i]), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
