@@ -22,6 +22,10 @@ __all__ = [
     "TensorBatchDataset",
     "fast_loader",
 ]
-from litlab.data.seq2seq_tasks import Seq2SeqTaskDataModule  # noqa: E402,F401
-from litlab.data.sequence_tasks import RecallDataModule  # noqa: E402,F401 (chapter 4: recall)
-from litlab.data.text import TextCharsDataModule  # noqa: E402,F401 (chapter 4: text_chars)
+
+# Every other module of this package registers its DataModules on import (no list to edit).
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+for _module in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _importlib.import_module(f"{__name__}.{_module.name}")
