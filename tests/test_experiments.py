@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import EXPERIMENTS, REPO
+from helpers import EXPERIMENTS, ONLINE_EXPERIMENTS, REPO
 from litlab import runner
 
 
@@ -15,7 +15,11 @@ def test_there_are_experiments():
 
 # GPU-sized experiments are validated at full size (load + dry-run config) but trained shrunk:
 # experiment file name -> extra overrides applied on top of fast_dev_run.
-SHRINK: dict[str, list[str]] = {}
+SHRINK: dict[str, list[str]] = {
+    "gpt2_small.yaml": ["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.d_ff=64",
+                        "model.block_size=32", "data.seq_len=32", "data.batch_size=4", "data.max_chars=20000",
+                        "model.sample_length=10", "trainer.precision=32", "trainer.accelerator=cpu"],
+}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
@@ -25,3 +29,10 @@ def test_experiment_runs_with_fast_dev_run(path, tracking_uri):
                         tracking_uri=tracking_uri)
     assert result.status == "FINISHED"
     assert result.metrics, "no test metrics"
+
+
+@pytest.mark.parametrize("path", ONLINE_EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_online_experiment_validates_offline(path):
+    """Experiments that download their data (experiments/**/online/) validate without the network."""
+    cfg = runner.load_config(path)
+    assert cfg.model["name"] and cfg.data["name"]
