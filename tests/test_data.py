@@ -137,7 +137,8 @@ def test_fast_loader_each_sample_once_shuffled():
     ds = TensorBatchDataset(torch.arange(103).float()[:, None], torch.arange(103))
     loader = fast_loader(ds, batch_size=10, shuffle=True)
     epochs = []
-    for _ in range(2):
+    for epoch in range(2):
+        loader.batch_sampler.sampler.set_epoch(epoch)  # Lightning calls it at every epoch start
         batches = list(loader)
         assert [len(y) for _, y in batches] == [10] * 10 + [3]
         assert all(torch.equal(x[:, 0].long(), y) for x, y in batches)
@@ -146,6 +147,8 @@ def test_fast_loader_each_sample_once_shuffled():
         assert not torch.equal(order, torch.arange(103))
         epochs.append(order)
     assert not torch.equal(*epochs)
+    again = torch.cat([y for _, y in loader])  # the order is a function of (seed, epoch) alone
+    assert torch.equal(again, epochs[1])
     seq = torch.cat([y for _, y in fast_loader(ds, batch_size=10, shuffle=False)])
     assert torch.equal(seq, torch.arange(103))
 
@@ -162,7 +165,8 @@ def test_fast_loader_ddp_sharding():
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sharded = _update_dataloader(loader, sampler)
         batches = list(sharded)
-        assert sharded.batch_size == 8 and [len(y) for _, y in batches] == [8] * 6 + [4]
+        assert type(sharded.batch_sampler).__name__ == "ResumableBatchSampler" and sharded.batch_sampler.batch_size == 8
+        assert [len(y) for _, y in batches] == [8] * 6 + [4]
         assert all(torch.equal(x[:, 0].long(), y) for x, y in batches)
         seen.append(torch.cat([y for _, y in batches]))
     assert torch.cat(seen).unique().numel() == 103  # 104 = 103 + 1 padding sample
@@ -349,3 +353,29 @@ def test_blobs_margin_guaranteed(num_classes, n_features):
     dist = (own - scores) / (c[y][:, None, :] - c[None]).norm(dim=2).clamp_min(1e-12)
     dist[torch.arange(len(y)), y] = float("inf")
     assert dist.min() >= 0.25 - 1e-4
+
+
+def test_fast_loader_resumes_mid_epoch_with_the_same_batches_and_augmentation():
+    """state_dict() after k batches + load_state_dict() in a fresh loader: the rest of the epoch is
+    the same batches with the same random augmentation, whatever the global RNG did meanwhile."""
+    x = torch.rand(103, 1, 4, 4)
+    ds = TensorBatchDataset(x, torch.arange(103), transform=lambda b: b + torch.rand(len(b), 1, 1, 1))
+    first = fast_loader(ds, batch_size=10, shuffle=True)
+    first.batch_sampler.sampler.set_epoch(3)
+    it = iter(first)
+    seen = [next(it) for _ in range(4)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "consumed": 4}
+    rest = list(it)
+    torch.manual_seed(12345)  # a different global RNG state must not matter
+    second = fast_loader(ds, batch_size=10, shuffle=True)
+    second.load_state_dict(state)
+    resumed = list(second)
+    assert len(seen) + len(resumed) == 11 and len(resumed) == len(rest)
+    for (xa, ya), (xb, yb) in zip(rest, resumed):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert second.state_dict() == {"epoch": 3, "consumed": 11}
+    # a state saved at the end of an epoch resumes at the start of the next one
+    third = fast_loader(ds, batch_size=10, shuffle=True)
+    third.load_state_dict({"epoch": 3, "consumed": 11})
+    assert third.batch_sampler.sampler.epoch == 4 and len(list(third)) == 11

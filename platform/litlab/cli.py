@@ -1,4 +1,4 @@
-"""`litlab` command line: run | resume | models | runs | ui.
+"""`litlab` command line: run | resume | sweep | models | runs | sync | ui.
 
 Thin on purpose: parse, then call litlab.runner / litlab.tracking. Heavy imports (torch,
 lightning, mlflow) happen inside the commands, so `litlab --help` answers at once. A mistake the
@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     tracking_opt(w)
     w.add_argument("-q", "--quiet", action="store_true")
 
+    y = sub.add_parser("sync", help="send what a run could not send while the tracking server was down",
+                       description="Send the metric points, files and final status a run kept in its local spool "
+                                   "(mlruns/spool) because the tracking server was unreachable. Without RUN_ID: "
+                                   "every spooled run.")
+    y.add_argument("run_ids", nargs="*", metavar="RUN_ID")
+    y.add_argument("--spool-dir", metavar="DIR", help="spool directory (default: $LITLAB_SPOOL_DIR or mlruns/spool)")
+    tracking_opt(y)
+
     u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the same store",
                        description="Serve the MLflow UI on 127.0.0.1 over litlab's tracking store.")
     u.add_argument("--port", type=int, default=5000)
@@ -104,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    from litlab.errors import UserError
+    from litlab.errors import TrainingDiverged, UserError
 
     try:
         return COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"litlab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingDiverged as e:
+        print(f"litlab {args.command}: training diverged: {e}", file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:
@@ -201,6 +212,9 @@ def cmd_ui(args) -> int:
            "--port", str(args.port), "--workers", "1"]
     if uri.startswith("sqlite:///"):
         cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"litlab ui: warning: listening on {args.host}: anyone who can reach this machine can read (and "
+              "change) your runs; MLflow has no login here", file=sys.stderr)
     print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl+C to stop)", file=sys.stderr, flush=True)
     os.execv(sys.executable, cmd)
     return 0
@@ -223,13 +237,41 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_sync(args) -> int:
+    from litlab import spool
+    from litlab.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    run_ids = args.run_ids or spool.spooled_runs(args.spool_dir)
+    if not run_ids:
+        print("litlab sync: nothing to send", file=sys.stderr)
+        return 0
+    known = set(spool.spooled_runs(args.spool_dir))
+    failed = 0
+    for run_id in run_ids:
+        if run_id not in known:
+            from litlab.errors import UserError
+
+            raise UserError(f"no spooled data for run {run_id} in {args.spool_dir or spool.default_spool_dir()}")
+        try:
+            sent = spool.sync(uri, run_id, args.spool_dir)
+        except Exception as e:  # the server is still down: keep the spool, say so, try the next run
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            print(f"litlab sync: {run_id}: not sent ({first}); the spool is kept", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{run_id}: sent {sent['points']} metric points, {sent['artifacts']} files"
+              + (f", status {sent['status']}" if sent["status"] else ""))
+    return 1 if failed else 0
+
+
 def _rank_from_env() -> int:
     """Non-zero in a process Lightning launched for another rank (it sets LOCAL_RANK / NODE_RANK)."""
     return int(os.environ.get("LOCAL_RANK") or 0) + int(os.environ.get("NODE_RANK") or 0)
 
 
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "sweep": cmd_sweep, "models": cmd_models, "runs": cmd_runs,
-            "ui": cmd_ui}
+            "ui": cmd_ui, "sync": cmd_sync}
 
 if __name__ == "__main__":
     sys.exit(main())

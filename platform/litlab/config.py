@@ -78,6 +78,7 @@ class TrainerConfig:
     num_sanity_val_steps: Annotated[int, Range(ge=-1)] = 0
     fast_dev_run: bool | Annotated[int, Range(ge=0)] = False
     enable_progress_bar: bool = True
+    skip_nonfinite: bool = False  # skip a step whose loss/gradients are NaN/inf (else: stop the run FAILED)
 
 
 @dataclass
@@ -116,6 +117,7 @@ class TrackingConfig:
     system_metrics: bool = True
     system_metrics_interval: Annotated[float, Range(ge=1, le=3600)] = 10.0
     flush_interval: Annotated[float, Range(gt=0, le=3600)] = 5.0  # seconds between metric batches
+    flush_timeout: Annotated[float, Range(ge=0, le=86400)] = 30.0  # at the end: wait this long for an unreachable server
     log_checkpoints: bool = True  # upload best and last checkpoints as artifacts
 
 

@@ -11,3 +11,9 @@ class ConfigError(UserError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run ends FAILED (not a config mistake: exit status 1)."""
+
+    run_status = "FAILED"

@@ -13,9 +13,7 @@ LITLAB_RUN_ID environment variable, so every rank writes to the same checkpoint 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -26,14 +24,15 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from litlab import config as config_mod
 from litlab import registry, tracking
 from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_callbacks, find_last_checkpoint,
                                   read_metadata)
-from litlab.plots import learning_curves
+from litlab.guards import NonFiniteGuard
+from litlab.resume_state import ExactResume
+from litlab.run_io import close_failed, finish_run, start_system_metrics, wandb_logger
 from litlab.provenance import device_description, git_info, process_alive, version_tags
 from litlab.config import Config
 from litlab.errors import UserError
@@ -139,13 +138,15 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
     try:
         loggers = []
         if use_mlflow:
-            tracker = tracking.MlflowTracker(uri, run_id, cfg.tracking.flush_interval, last_steps)
+            tracker = tracking.MlflowTracker(uri, run_id, cfg.tracking.flush_interval, last_steps,
+                                               flush_timeout=cfg.tracking.flush_timeout)
             loggers.append(tracker)
         if cfg.tracking.wandb != "off":
-            loggers.append(_wandb_logger(cfg, run_id))
+            loggers.append(wandb_logger(cfg, run_id))
         ck = cfg.callbacks.checkpoint
         best_cb, last_cb = checkpoint_callbacks(ckpt_dir, ck.monitor, ck.mode, ck.save_top_k, ck.every_n_train_steps)
-        cbs = [RunMetadata(run_id, config_hash, cfg.to_dict()), best_cb, last_cb, *_optional_callbacks(cfg, loggers),
+        cbs = [RunMetadata(run_id, config_hash, cfg.to_dict()), ExactResume(),
+               NonFiniteGuard(skip=cfg.trainer.skip_nonfinite, check_every=cfg.trainer.log_every_n_steps), best_cb, last_cb, *_optional_callbacks(cfg, loggers),
                *(callbacks or [])]
         if rank == 0 and verbose:
             what = "resuming" if resume_from else "started"
@@ -154,7 +155,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir, quiet)
         if rank == 0 and use_mlflow:
             tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
-            sysmon = _start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
+            sysmon = start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
 
         os.environ[RUN_ID_ENV] = run_id
         fit_started = True
@@ -162,23 +163,19 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         best_path = best_cb.best_model_path or None
         test_out = trainer.test(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics = {k: float(v) for k, v in (test_out[0] if test_out else {}).items()}
+        reached = True
         best_score = float(best_cb.best_model_score) if best_cb.best_model_score is not None else None
         last_path = str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None
         if rank == 0 and use_mlflow:
-            tracker.flush()
-            _upload_outputs(uri, run_id, cfg, best_path, last_path)
-            if sysmon:
-                sysmon.finish()
-                sysmon = None
-            tracking.end_run(uri, run_id, "FINISHED")
+            sysmon, reached = None, finish_run(uri, run_id, cfg, tracker, sysmon, best_path, last_path)
         return RunResult(run_id, "FINISHED", metrics, best_score, best_path, last_path, uri,
-                         _experiment_id(uri, run_id) if use_mlflow and rank == 0 else None, cfg)
+                         _experiment_id(uri, run_id) if use_mlflow and rank == 0 and reached else None, cfg)
     except BaseException as e:
         if rank == 0 and use_mlflow:
             # A config mistake found before any optimiser step (e.g. in configure_optimizers) is not
             # an experiment: remove the run rather than leave a FAILED husk.
             untrained = not fit_started or (trainer is not None and trainer.global_step == 0)
-            _close_failed(uri, run_id, e, tracker, sysmon, delete=created and untrained)
+            close_failed(uri, run_id, e, tracker, sysmon, delete=created and untrained)
         raise
     finally:
         if previous_env is None:
@@ -188,10 +185,9 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
 
 
 def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_uri: str | None = None,
-           verbose: bool = False) -> RunResult:
+           verbose: bool = False, callbacks: list | None = None) -> RunResult:
     """Continue RUN_ID from its last checkpoint in the same MLflow run (same id, steps continue)."""
     from mlflow.exceptions import MlflowException
-
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     try:
@@ -201,6 +197,10 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
     tags = run_info.data.tags
     if _rank() == 0 and run_info.info.status == "RUNNING" and process_alive(tags.get("host"), tags.get("litlab.pid")):
         raise UserError(f"run {run_id} is still running (pid {tags.get('litlab.pid')}); stop it before resuming")
+    from litlab import spool
+
+    if spool.MetricSpool(spool.default_spool_dir(), run_id).path.exists():
+        spool.sync(uri, run_id)  # what the previous process could not send: no gap in the history
     ckpt = find_last_checkpoint(uri, run_id, tags.get("litlab.checkpoint_dir"))
     if ckpt is None:
         raise UserError(f"run {run_id} has no last.ckpt to resume from (looked in "
@@ -213,7 +213,7 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
         raise UserError("resume: these overrides change the model, data, optimiser or seed (config hash "
                         f"{cfg.identity_hash()} != checkpoint's {meta['config_hash']}); resume only continues "
                         "training (e.g. trainer.max_epochs=...): start a new run with `litlab run` instead")
-    return run(cfg, tracking_uri=uri, resume_from=ResumeFrom(run_id, ckpt), verbose=verbose)
+    return run(cfg, tracking_uri=uri, resume_from=ResumeFrom(run_id, ckpt), verbose=verbose, callbacks=callbacks)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -294,86 +294,8 @@ def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, 
         raise UserError(f"trainer: {first}") from None
 
 
-def _wandb_logger(cfg: Config, run_id: str):
-    save_dir = Path("mlruns") / "wandb"
-    save_dir.mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=cfg.tracking.wandb_project, name=cfg.tracking.run_name or cfg.name,
-                         id=run_id, save_dir=str(save_dir), offline=cfg.tracking.wandb == "offline",
-                         resume="allow")
-    logger.log_hyperparams(config_mod.flatten(cfg.to_dict()))
-    return logger
-
-
-def _start_system_metrics(cfg: Config, uri: str, run_id: str, resumed: bool):
-    if not cfg.tracking.system_metrics:
-        return None
-    import logging
-
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    class FinalSampleMonitor(SystemMetricsMonitor):
-        """MLflow's monitor publishes only every full interval; also publish what was sampled at the
-        end, so runs shorter than the interval still get system/* metrics."""
-
-        def finish(self):
-            super().finish()
-            try:
-                self.collect_metrics()
-                self.publish_metrics(self.aggregate_metrics())
-                self.mlflow_logger.flush()
-            except Exception as e:
-                logging.getLogger(__name__).warning("could not log final system metrics: %s", e)
-
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = FinalSampleMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval,
-                                   resume_logging=resumed, tracking_uri=uri)
-    monitor.start()
-    return monitor
-
-
-def _upload_outputs(uri: str, run_id: str, cfg: Config, best: str | None, last: str | None) -> None:
-    c = tracking.client(uri)
-    if cfg.tracking.log_checkpoints and (best or last):
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, path in (("best.ckpt", best), ("last.ckpt", last)):
-                if path and Path(path).exists():
-                    _link_or_copy(Path(path), Path(tmp) / name)
-            c.log_artifacts(run_id, tmp, "checkpoints")
-    fig = learning_curves(c, run_id, f"{cfg.name} ({cfg.model['name']} on {cfg.data['name']})")
-    if fig is not None:
-        import matplotlib.pyplot as plt
-
-        c.log_figure(run_id, fig, "plots/learning_curves.png")
-        plt.close(fig)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _close_failed(uri: str, run_id: str, exc: BaseException, tracker, sysmon, delete: bool) -> None:
-    killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
-    # An exception may say how the run ends (a pruned sweep trial ends FINISHED, stopped on purpose).
-    status = getattr(exc, "run_status", None) or ("KILLED" if killed else "FAILED")
-    try:
-        if tracker is not None:
-            tracker.flush()
-        if sysmon is not None:
-            sysmon.finish()
-        if delete and isinstance(exc, UserError):
-            tracking.client(uri).delete_run(run_id)  # a config mistake found before training: no run
-            return
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = "interrupted" if killed else f"{type(exc).__name__}: {first_line}"
-        tracking.set_tags(uri, run_id, {"litlab.stop_reason" if status == "FINISHED" else "litlab.failure_reason":
-                                        reason[:5000]})
-    except Exception:
-        pass
-    tracking.end_run(uri, run_id, status)
-
-
 def _experiment_id(uri: str, run_id: str) -> str | None:
-    return tracking.client(uri).get_run(run_id).info.experiment_id
+    try:
+        return tracking.client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the tracking server is unreachable: the run ended anyway
+        return None

@@ -5,7 +5,8 @@
 - `start_run()` / `attach_run()` / `end_run()`: create a run with params, tags and the resolved
   config, or re-attach to one for `litlab resume` (same run id).
 - `MlflowTracker`: a Lightning Logger that never makes one HTTP call per metric per step. Points
-  are queued and sent with `log_batch` from a background thread every `flush_interval` seconds.
+  are journaled locally (`litlab.spool`) and sent with `log_batch` from a background thread every
+  `flush_interval` seconds; a tracking outage never stops training.
   Each key's history is a function of the step: a point whose step is not past the key's last
   logged step is dropped. That removes Lightning's repeats (`epoch` is sent with every call) and,
   on resume, the replayed steps between the last checkpoint and a crash.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import queue
 import sys
 import threading
 import time
@@ -26,7 +26,6 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-_MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _MAX_PARAMS = 100  # ... and on params per call
 
 
@@ -44,8 +43,19 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 _ready: set[str] = set()
 
 
+# MLflow's REST client retries a failed call for minutes (7 retries, back-off factor 2), blocking
+# whoever called. litlab keeps unsent metrics in its spool and retries on its own, so it asks MLflow
+# to give up sooner; the user's own settings of these variables win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def client(uri: str):
     from mlflow import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
 
     if uri.startswith("sqlite:///") and uri not in _ready:
         # MLflow creates/migrates a new SQLite store when the first client is made; two processes
@@ -127,11 +137,19 @@ def attach_run(uri: str, run_id: str, tags: dict[str, str], new_params: dict[str
     return {m.key: m.step for m in run.data._metric_objs}
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
+def end_run(uri: str, run_id: str, status: str) -> bool:
+    """Mark the run ended; if the server cannot be reached, keep the status for `litlab sync`."""
     try:
         client(uri).set_terminated(run_id, status=status)
+        return True
     except Exception as e:  # never hide the real error behind a tracking one
-        print(f"litlab: warning: could not mark run {run_id} {status}: {e}", file=sys.stderr)
+        from litlab.spool import MetricSpool, default_spool_dir
+
+        MetricSpool(default_spool_dir(), run_id).record_status(status)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"litlab: warning: could not mark run {run_id} {status} ({first}); kept for "
+              f"`litlab sync {run_id}`", file=sys.stderr)
+        return False
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
@@ -153,18 +171,28 @@ def _user() -> str:
 
 
 class MlflowTracker(Logger):
-    """Lightning logger for one MLflow run; batches metrics; rank 0 only (DDP-safe)."""
+    """Lightning logger for one MLflow run; rank 0 only (DDP-safe).
+
+    Every point goes to the run's local journal first (`litlab.spool.MetricSpool`), and a
+    background thread sends the journal in `log_batch` calls every `flush_interval` seconds. If the
+    tracking server is unreachable, training goes on: one warning, retries with back-off, and the
+    backlog is sent when the server is back (or by `litlab sync RUN_ID` after the process ended)."""
 
     def __init__(self, tracking_uri: str, run_id: str, flush_interval: float = 5.0,
-                 last_logged_steps: dict[str, int] | None = None):
+                 last_logged_steps: dict[str, int] | None = None, spool_dir: str | Path | None = None,
+                 flush_timeout: float = 30.0):
         super().__init__()
+        from litlab.spool import MetricSpool, default_spool_dir
+
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.flush_interval = flush_interval
+        self.flush_timeout = flush_timeout
+        self.spool = MetricSpool(spool_dir or default_spool_dir(), run_id)
         self._last_step = dict(last_logged_steps or {})
-        self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
-        self._error: Exception | None = None
+        self._wake = threading.Event()
+        self._outage: str | None = None  # the error while the server is unreachable
         self.points_logged = 0
 
     # Lightning's Logger interface -------------------------------------------------------------
@@ -187,8 +215,6 @@ class MlflowTracker(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         step = int(step or 0)
         now = int(time.time() * 1000)
         points = []
@@ -196,11 +222,11 @@ class MlflowTracker(Logger):
             if step <= self._last_step.get(key, -1):
                 continue  # already logged at this step (or before a resume)
             self._last_step[key] = step
-            points.append(Metric(key=key, value=float(value), timestamp=now, step=step))
+            points.append((key, float(value), now, step))
         if points:
-            self._ensure_worker()
-            self._queue.put(points)
+            self.spool.append(points)
             self.points_logged += len(points)
+            self._ensure_worker()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -211,52 +237,81 @@ class MlflowTracker(Logger):
     def log_figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
-        client(self.tracking_uri).log_figure(self.run_id, figure, artifact_file)
-        plt.close(figure)
+        try:
+            client(self.tracking_uri).log_figure(self.run_id, figure, artifact_file)
+        except Exception as e:  # keep it for `litlab sync`
+            local = self.spool.dir / "files" / self.run_id / artifact_file
+            local.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(local)
+            self.spool.record_artifact(str(local), str(Path(artifact_file).parent) or None)
+            self._report_outage(e)
+        finally:
+            plt.close(figure)
 
     @rank_zero_only
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
+        try:
+            client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
+        except Exception as e:
+            self.spool.record_artifact(str(Path(local_path).resolve()), artifact_path)
+            self._report_outage(e)
 
-    # Background batching ------------------------------------------------------------------------
+    # Background sending ---------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
-            self._queue = self._queue or queue.Queue()
-            self._worker = threading.Thread(target=self._drain_forever, name="litlab-mlflow", daemon=True)
+            self._worker = threading.Thread(target=self._send_forever, name="litlab-mlflow", daemon=True)
             self._worker.start()
 
-    def _drain_forever(self) -> None:
-        c = client(self.tracking_uri)
+    def _send_forever(self) -> None:
+        delay = self.flush_interval
         while True:
-            time.sleep(self.flush_interval)
-            self._send(c)
+            self._wake.wait(delay)
+            self._wake.clear()
+            delay = self.flush_interval if self._send_pending() else min(max(2 * delay, 1.0), 30.0)
 
-    def _send(self, c) -> None:
+    def _send_pending(self) -> bool:
+        """Send the unsent journal; False (and one warning per outage) if the server is unreachable."""
+        from litlab.spool import send_points
+
         with _send_lock:
-            batch: list = []
-            while True:
-                try:
-                    batch.extend(self._queue.get_nowait())
-                except (queue.Empty, AttributeError):
-                    break
-            for chunk in _chunks(batch, _MAX_BATCH):
-                try:
-                    c.log_batch(self.run_id, metrics=chunk)
-                except Exception as e:  # keep training; report once at flush
-                    self._error = e
+            try:
+                sent = send_points(client(self.tracking_uri), self.spool)
+            except Exception as e:  # keep training; the journal keeps the points
+                self._report_outage(e)
+                return False
+        if self._outage is not None:
+            self._outage = None
+            print(f"litlab: tracking server reachable again: sent {sent} spooled metric points", file=sys.stderr)
+        return True
 
-    def flush(self) -> None:
-        """Send every queued point now (called at the end of fit/test and before the run ends)."""
-        if self._queue is not None:
-            self._send(client(self.tracking_uri))
-        if self._error is not None:
-            err, self._error = self._error, None
-            print(f"litlab: warning: some metrics could not be sent to MLflow: {err}", file=sys.stderr)
+    def _report_outage(self, error: Exception) -> None:
+        if self._outage is None:
+            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            print(f"litlab: warning: tracking server unreachable ({first}); training goes on and metrics "
+                  f"are kept in {self.spool.path} until it is back", file=sys.stderr)
+        self._outage = str(error)
 
-    def __getstate__(self):  # ddp_spawn pickles the trainer: threads and queues stay behind
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send every journaled point now, retrying for up to `timeout` seconds (default
+        flush_timeout) while the server is unreachable. True when nothing is left unsent."""
+        deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        delay = 0.5
+        while not self._send_pending():
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+        return True
+
+    @property
+    def unreachable(self) -> bool:
+        return self._outage is not None
+
+    def __getstate__(self):  # ddp_spawn pickles the trainer: threads stay behind
         self.flush()
+        self.spool.close()
         state = self.__dict__.copy()
-        state.update(_queue=None, _worker=None)
+        state.update(_worker=None, _wake=threading.Event())
         return state
 
 

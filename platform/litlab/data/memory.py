@@ -13,6 +13,10 @@ batches still go through `__getitems__` (see tests/test_data.py::test_fast_loade
 `__getitems__` returns a `Batch` (a tuple subclass) and `collate_prebatched` passes it through;
 any other list of samples (a dataset without `__getitems__`) goes to `default_collate`, so the same
 `collate_fn` is safe for every map-style dataset.
+
+The loader is a `litlab.data.resumable.ResumableLoader`: the epoch order, the position in the epoch
+and each batch's augmentation are functions of (seed, epoch, batch index), so a run resumed from a
+mid-epoch checkpoint sees exactly the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
+
+from litlab.data.resumable import EpochShuffleSampler, ResumableBatchSampler, ResumableLoader
 
 
 class Batch(tuple):
@@ -55,7 +61,13 @@ class TensorBatchDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.x[idx]
         if self.transform is not None:
-            x = self.transform(x)
+            seed = getattr(indices, "seed", None)  # set by ResumableBatchSampler: (seed, epoch, batch)
+            if seed is None:
+                x = self.transform(x)
+            else:
+                with torch.random.fork_rng(devices=[]):  # the global RNG stream is left untouched
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return Batch((x, self.y[idx]))
 
     def __getitem__(self, index: int):
@@ -67,12 +79,13 @@ class TensorBatchDataset(Dataset):
         return tuple(self.__getitems__(range(len(self))))
 
 
-def fast_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
-    """A standard DataLoader whose batches come from `dataset.__getitems__` when it has one."""
-    return DataLoader(
+def fast_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """A resumable DataLoader whose batches come from `dataset.__getitems__` when it has one."""
+    sampler = EpochShuffleSampler(len(dataset)) if shuffle else SequentialSampler(dataset)
+    return ResumableLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=ResumableBatchSampler(sampler, batch_size, drop_last),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
