@@ -18,10 +18,9 @@ def run(experiment: str | Path | dict, overrides: list[str] | dict | None = None
 
 def load(run_id: str, *, which: str = "best", tracking_uri: str | None = None):
     """The trained LightningModule of a run (its best checkpoint, or `which="last"`), in eval mode."""
-    import torch
 
     from litlab import registry, runner, tracking
-    from litlab.checkpointing import META_KEY, find_last_checkpoint
+    from litlab.checkpointing import META_KEY, find_last_checkpoint, load_checkpoint
     from litlab.errors import UserError
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -42,7 +41,7 @@ def load(run_id: str, *, which: str = "best", tracking_uri: str | None = None):
         path = find_last_checkpoint(uri, run_id, ckpt_dir)
     if path is None:
         raise UserError(f"run {run_id} has no checkpoint to load")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path, trusted=True)  # the run's own checkpoint or artifact
     cfg = runner.load_config(ckpt[META_KEY]["config"])
     module = registry.get_model(cfg.model["name"]).cls(**{k: v for k, v in cfg.model.items() if k != "name"})
     module.load_state_dict(ckpt["state_dict"])

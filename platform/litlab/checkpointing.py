@@ -42,7 +42,9 @@ class RunMetadata(Callback):
     """Writes the run id, config hash and resolved config into every checkpoint."""
 
     def __init__(self, run_id: str, config_hash: str, config: dict[str, Any], extra: dict[str, Any] | None = None):
-        self.meta = {"run_id": run_id, "config_hash": config_hash, "config": config,
+        from litlab.secrets import redact_nested
+
+        self.meta = {"run_id": run_id, "config_hash": config_hash, "config": redact_nested(config),
                      "litlab_version": __version__, **(extra or {})}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -65,12 +67,34 @@ def checkpoint_callbacks(dirpath: Path, monitor: str, mode: str, save_top_k: int
     return best, last
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The litlab block of a checkpoint, memory-mapped so large weights are not read."""
+ALLOW_EXTERNAL_ENV = "LITLAB_ALLOW_EXTERNAL_CHECKPOINTS"  # `--allow-external-checkpoints`
+
+
+def is_litlab_path(path: str | Path) -> bool:
+    """Inside an mlruns/ directory (where litlab writes and downloads checkpoints)."""
+    return "mlruns" in Path(path).resolve().parts
+
+
+def load_checkpoint(path: str | Path, *, mmap: bool = False, trusted: bool = False) -> dict[str, Any]:
+    """torch.load a checkpoint safely: tensors and plain data only (weights_only=True, never
+    arbitrary pickled code), and a file from outside mlruns/ only when the user allowed it
+    (--allow-external-checkpoints), since a shared checkpoint is code as much as data."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    if not trusted and not is_litlab_path(path) and os.environ.get(ALLOW_EXTERNAL_ENV) != "1":
+        raise UserError(f"{path} is not under an mlruns/ directory; load a checkpoint from elsewhere only if you "
+                        "trust it, with --allow-external-checkpoints")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint of plain tensors ({type(e).__name__}: {first})") from None
+
+
+def read_metadata(path: str | Path, trusted: bool = False) -> dict[str, Any]:
+    """The litlab block of a checkpoint, memory-mapped so large weights are not read."""
+    ckpt = load_checkpoint(path, mmap=True, trusted=trusted)
     meta = ckpt.get(META_KEY)
     if not meta:
         raise UserError(f"{path}: not a litlab checkpoint (no run metadata)")

@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"litlab {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    def trust_opts(sp):
+        sp.add_argument("--allow-import", action="store_true",
+                        help="let the config name your own classes as model.name: package.module:Class (imports "
+                             "that code; only for configs you trust)")
+        sp.add_argument("--allow-external-checkpoints", action="store_true",
+                        help="let the run load checkpoints from outside mlruns/ (e.g. model.pretrained=PATH)")
+
     def tracking_opt(sp):
         sp.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
@@ -39,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment file, e.g. experiments/mlp/mlp_digits.yaml")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01 model.hidden=[256,128]")
     tracking_opt(r)
+    trust_opts(r)
     r.add_argument("-q", "--quiet", action="store_true", help="print only the run id and the test metrics")
     r.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; do not train")
 
@@ -49,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_id", metavar="RUN_ID")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     tracking_opt(s)
+    trust_opts(s)
     s.add_argument("-q", "--quiet", action="store_true")
 
     m = sub.add_parser("models", help="list every registered model with its course chapter",
@@ -75,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--gpus-per-trial", type=int, metavar="G", help="give each trial G GPUs (CUDA_VISIBLE_DEVICES)")
     w.add_argument("--show", action="store_true", help="print the study's state and best trials; run nothing")
     tracking_opt(w)
+    trust_opts(w)
     w.add_argument("-q", "--quiet", action="store_true")
 
     y = sub.add_parser("sync", help="send what a run could not send while the tracking server was down",
@@ -114,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     from litlab.errors import TrainingDiverged, UserError
 
+    # trust settings travel as environment variables, so DDP ranks and sweep trials inherit them
+    if getattr(args, "allow_import", False):
+        os.environ["LITLAB_ALLOW_IMPORT"] = "1"
+    if getattr(args, "allow_external_checkpoints", False):
+        os.environ["LITLAB_ALLOW_EXTERNAL_CHECKPOINTS"] = "1"
     try:
         return COMMANDS[args.command](args) or 0
     except UserError as e:

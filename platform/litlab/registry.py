@@ -12,6 +12,8 @@ module, which is what fills the registries.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,8 +66,32 @@ def load_all() -> None:
         importlib.import_module(mod)
 
 
+ALLOW_IMPORT_ENV = "LITLAB_ALLOW_IMPORT"  # set by `litlab run/resume/sweep --allow-import`
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _import_entry(table: dict[str, Entry], key: str, path: str) -> Entry:
+    """`package.module:ClassName`: import the user's module (only with --allow-import) and use the
+    class, registered under that path if its module did not register it itself."""
+    if os.environ.get(ALLOW_IMPORT_ENV) != "1":
+        raise ConfigError(key, f"{path!r} names code to import; a config may name only registered classes "
+                               "(see `litlab models`) unless you trust it and pass --allow-import")
+    module_name, class_name = path.split(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(key, f"cannot import {path!r}: {e}") from None
+    for entry in table.values():
+        if entry.cls is cls:
+            return entry
+    table[path] = Entry(name=path, cls=cls, description=(cls.__doc__ or "").strip().split("\n")[0], chapter="user")
+    return table[path]
+
+
 def _lookup(table: dict[str, Entry], key: str, name: Any) -> Entry:
     load_all()
+    if isinstance(name, str) and name not in table and _IMPORT_PATH.match(name):
+        return _import_entry(table, key, name)
     if not isinstance(name, str) or name not in table:
         allowed = sorted(table)
         close = difflib.get_close_matches(str(name), allowed, n=1)

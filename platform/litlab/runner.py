@@ -117,6 +117,11 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         ckpt_dir = resume_from.checkpoint.parent.resolve()
     else:
         ckpt_dir = None
+    if rank == 0:  # a full or unwritable disk: one line now, before a run exists
+        from litlab.preflight import check_run_dirs
+        from litlab.spool import default_spool_dir
+
+        check_run_dirs(ckpt_dir.parent if ckpt_dir else cfg.callbacks.checkpoint.dirpath, default_spool_dir())
     tags = _tags(cfg, model_entry, source_dir)
     if rank == 0 and use_mlflow:
         if resume_from is None:
@@ -205,7 +210,9 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
     if ckpt is None:
         raise UserError(f"run {run_id} has no last.ckpt to resume from (looked in "
                         f"{tags.get('litlab.checkpoint_dir') or 'no checkpoint dir'} and its artifacts)")
-    meta = read_metadata(ckpt)
+    # the run's own checkpoint directory (its tag, written by litlab) is trusted wherever it is
+    own_dir = tags.get("litlab.checkpoint_dir")
+    meta = read_metadata(ckpt, trusted=bool(own_dir) and Path(ckpt).resolve().parent == Path(own_dir).resolve())
     if meta.get("run_id") != run_id:
         raise UserError(f"{ckpt} belongs to run {meta.get('run_id')}, not {run_id}")
     cfg = load_config(meta["config"], overrides)
@@ -256,7 +263,9 @@ def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[st
     n = int(prev.get("litlab.resumes", "0")) + 1
     steps = tracking.attach_run(uri, run_id, {**{k: v for k, v in tags.items() if not k.startswith("git.")},
                                               "litlab.resumes": str(n)}, config_mod.flatten(cfg.to_dict()))
-    tracking.client(uri).log_text(run_id, cfg.to_yaml(), f"config/resolved_resume{n}.yaml")
+    from litlab.secrets import redact
+
+    tracking.client(uri).log_text(run_id, redact(cfg.to_yaml()), f"config/resolved_resume{n}.yaml")
     return steps
 
 

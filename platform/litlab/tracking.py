@@ -35,7 +35,9 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
         db = Path(uri[len("sqlite:///"):])
         if not db.is_absolute():  # pin it so DDP children and `litlab resume` see the same store
             db = Path.cwd() / db
-        db.parent.mkdir(parents=True, exist_ok=True)
+        from litlab.preflight import writable_dir
+
+        writable_dir(db.parent, "the tracking store")
         uri = f"sqlite:///{db}"
     return uri
 
@@ -107,6 +109,10 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     """Create a RUNNING run holding the flattened config as params, tags and config/resolved.yaml."""
     from mlflow.entities import Param
 
+    from litlab.secrets import redact, redact_mapping
+
+    params, tags, config_yaml = redact_mapping(params), redact_mapping(tags), redact(config_yaml)
+    run_name = redact(run_name)
     c = client(uri)
     exp_id = get_or_create_experiment(c, uri, experiment)
     all_tags = {"mlflow.runName": run_name, "mlflow.user": _user(), **tags}
@@ -125,6 +131,9 @@ def attach_run(uri: str, run_id: str, tags: dict[str, str], new_params: dict[str
     """Mark a run RUNNING again for resume; return {metric key: last logged step}."""
     from mlflow.entities import Param, RunTag
 
+    from litlab.secrets import redact_mapping
+
+    tags, new_params = redact_mapping(tags), redact_mapping(new_params)
     c = client(uri)
     run = c.get_run(run_id)
     c.update_run(run_id, status="RUNNING")
@@ -155,6 +164,9 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
+    from litlab.secrets import redact_mapping
+
+    tags = redact_mapping(tags)
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
