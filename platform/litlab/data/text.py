@@ -10,9 +10,12 @@
 
 The text (its first `max_chars` characters if set) is split CONTIGUOUSLY: the first
 1 - val_fraction - test_fraction for training, then validation, then test, so no window of val/test
-text was seen in training. The vocabulary is the set of characters of the TRAIN split; id 0 stands
-for any other character (decoded as U+FFFD). Each split is cut into non-overlapping windows of
-`seq_len` characters with next-character targets: x = text[i : i+T], y = text[i+1 : i+T+1].
+text was seen in training. With `level: char` (default) the vocabulary is the set of characters of
+the TRAIN split; id 0 stands for any other character (decoded as U+FFFD). With `level: byte` each
+split is encoded as UTF-8 and the tokens are its bytes (vocabulary 256, nothing is ever unknown, no
+tokenizer to fit or download; a non-ASCII character costs 2-4 tokens). Each split is cut into
+non-overlapping windows of `seq_len` tokens with next-token targets: x = ids[i : i+T],
+y = ids[i+1 : i+T+1].
 
 Items: `(x int64 (seq_len,), y int64 (seq_len,))`. info(): {"vocab_size": len(vocab)}.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -64,6 +67,23 @@ class CharVocab:
         return "".join(self.itos[int(i)] for i in ids)
 
 
+class ByteVocab:
+    """Byte-level tokens: id = one byte of the UTF-8 encoding (0..255); same interface as CharVocab."""
+
+    itos = tuple(bytes([i]) for i in range(256))
+
+    def __len__(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> Tensor:
+        """str -> int64 (number of UTF-8 bytes,)."""
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+    def decode(self, ids: Tensor | Sequence[int]) -> str:
+        """Invalid UTF-8 (e.g. a sampled stray continuation byte) decodes as U+FFFD."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
 def pydoc_corpus() -> str:
     from pydoc_data.topics import topics
 
@@ -76,7 +96,7 @@ def windows(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
     return ids[: n * seq_len].view(n, seq_len), ids[1: n * seq_len + 1].view(n, seq_len)
 
 
-@register_data("text_chars", description="character-level language modelling on one text: Python's offline "
+@register_data("text_chars", description="character- or byte-level language modelling on one text: Python's offline "
                "pydoc corpus (default), a local text file or a Hugging Face text data set")
 class TextCharsDataModule(FastLoaderMixin, LitlabDataModule):
     def __init__(
@@ -90,6 +110,7 @@ class TextCharsDataModule(FastLoaderMixin, LitlabDataModule):
         seq_len: Annotated[int, Range(ge=1, le=100_000)] = 128,  # T: characters per window (BPTT length)
         val_fraction: Annotated[float, Range(ge=0.001, le=0.5)] = 0.05,
         test_fraction: Annotated[float, Range(ge=0.001, le=0.5)] = 0.05,
+        level: Literal["char", "byte"] = "char",  # tokens: characters (train-split vocabulary) or UTF-8 bytes
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if not source:
@@ -97,8 +118,9 @@ class TextCharsDataModule(FastLoaderMixin, LitlabDataModule):
         self.source, self.text_column, self.hf_split = source, text_column, hf_split
         self.max_chars, self.seq_len = max_chars, seq_len
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.level = level
         self.texts: dict[str, str] | None = None  # train / val / test text, after _load()
-        self.vocab: CharVocab | None = None
+        self.vocab: CharVocab | ByteVocab | None = None
 
     # ------------------------------------------------------------ loading (info() needs the vocabulary)
     def _read_source(self) -> str:
@@ -145,7 +167,7 @@ class TextCharsDataModule(FastLoaderMixin, LitlabDataModule):
             if len(part) < self.seq_len + 1:
                 raise ConfigError("data.seq_len", f"{self.seq_len} is too long: the {name} split has only "
                                   f"{len(part)} characters ({n} in all); lower seq_len or use more text")
-        self.vocab = CharVocab.from_text(self.texts["train"])
+        self.vocab = CharVocab.from_text(self.texts["train"]) if self.level == "char" else ByteVocab()
 
     def info(self) -> dict[str, Any]:
         self._load()
