@@ -176,7 +176,8 @@ def test_dpo_starts_at_log2_and_the_reference_stays_frozen():
 def test_reference_from_a_checkpoint_is_not_saved_twice(tmp_path):
     dm = tiny_data(n_train=50, n_val=8, n_test=8)
     sft = SFTModule(**from_info(dm), n_layer=1, d_model=16)
-    path = tmp_path / "sft.ckpt"
+    path = tmp_path / "mlruns" / "sft.ckpt"  # outside mlruns/ it would need --allow-external-checkpoints
+    path.parent.mkdir()
     torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, path)
     dpo = DPOModule(**from_info(dm), n_layer=1, d_model=16, reference=str(path))
     dpo.prepare_reference()
@@ -209,7 +210,7 @@ def test_sft_then_dpo_raises_the_property_rate(tmp_path):
     sft_out = t.test(sft, datamodule=dm, verbose=False)[0]
     assert sft_out["test/loss"] < 0.85 * math.log(dm.info()["vocab_size"])  # beats a uniform guess
     assert 0.3 < sft_out["test/property_rate"] < 0.7  # the SFT mixture: half of its completions have it
-    ckpt = tmp_path / "sft.ckpt"
+    ckpt = tmp_path / "mlruns" / "sft.ckpt"  
     t.save_checkpoint(ckpt)
 
     results = {}

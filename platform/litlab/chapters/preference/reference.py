@@ -12,13 +12,13 @@ the `sft` model (completion-token NLL on BOTH completions of each pair), plain A
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from litlab.chapters.preference.losses import sft_loss
+from litlab.checkpointing import load_checkpoint
 from litlab.errors import ConfigError, UserError
 
 KEY = "model.reference"
@@ -45,22 +45,13 @@ def _run_checkpoint(run_id: str, tracking_uri: str | None) -> Path:
     return Path(path)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (tensors and plain containers only, no code runs); a
-    Lightning checkpoint holding other pickled objects falls back to the full unpickler (the file
-    is one litlab wrote, from the user's own run)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_reference_state(reference: str, expected: dict[str, Any], tracking_uri: str | None = None) -> dict:
     """The reference GPT's state_dict (keys without the `net.` prefix)."""
     path = Path(reference).expanduser()
+    trusted = False  # a path from the user: outside mlruns/ only with --allow-external-checkpoints
     if not path.is_file():
-        path = _run_checkpoint(reference, tracking_uri)
-    ckpt = read_checkpoint(path)
+        path, trusted = _run_checkpoint(reference, tracking_uri), True  # the run's own checkpoint
+    ckpt = load_checkpoint(path, trusted=trusted)  # weights_only=True: tensors and plain data only
     if "state_dict" not in ckpt:
         raise UserError(f"{KEY}: {path} is not a Lightning checkpoint (no state_dict)")
     hp = dict(ckpt.get("hyper_parameters") or {})
