@@ -42,7 +42,7 @@ class RunMetadata(Callback):
     """Writes the run id, config hash and resolved config into every checkpoint."""
 
     def __init__(self, run_id: str, config_hash: str, config: dict[str, Any], extra: dict[str, Any] | None = None):
-        from litlab.secrets import redact_nested
+        from litlab.redaction import redact_nested
 
         self.meta = {"run_id": run_id, "config_hash": config_hash, "config": redact_nested(config),
                      "litlab_version": __version__, **(extra or {})}

@@ -60,7 +60,7 @@ def wandb_logger(cfg: Config, run_id: str):
     logger = WandbLogger(project=cfg.tracking.wandb_project, name=cfg.tracking.run_name or cfg.name,
                          id=run_id, save_dir=str(save_dir), offline=cfg.tracking.wandb == "offline",
                          resume="allow")
-    from litlab.secrets import redact_mapping
+    from litlab.redaction import redact_mapping
 
     logger.log_hyperparams(redact_mapping(config_mod.flatten(cfg.to_dict())))
     return logger

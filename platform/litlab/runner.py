@@ -263,7 +263,7 @@ def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[st
     n = int(prev.get("litlab.resumes", "0")) + 1
     steps = tracking.attach_run(uri, run_id, {**{k: v for k, v in tags.items() if not k.startswith("git.")},
                                               "litlab.resumes": str(n)}, config_mod.flatten(cfg.to_dict()))
-    from litlab.secrets import redact
+    from litlab.redaction import redact
 
     tracking.client(uri).log_text(run_id, redact(cfg.to_yaml()), f"config/resolved_resume{n}.yaml")
     return steps

@@ -109,7 +109,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     """Create a RUNNING run holding the flattened config as params, tags and config/resolved.yaml."""
     from mlflow.entities import Param
 
-    from litlab.secrets import redact, redact_mapping
+    from litlab.redaction import redact, redact_mapping
 
     params, tags, config_yaml = redact_mapping(params), redact_mapping(tags), redact(config_yaml)
     run_name = redact(run_name)
@@ -131,7 +131,7 @@ def attach_run(uri: str, run_id: str, tags: dict[str, str], new_params: dict[str
     """Mark a run RUNNING again for resume; return {metric key: last logged step}."""
     from mlflow.entities import Param, RunTag
 
-    from litlab.secrets import redact_mapping
+    from litlab.redaction import redact_mapping
 
     tags, new_params = redact_mapping(tags), redact_mapping(new_params)
     c = client(uri)
@@ -164,7 +164,7 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    from litlab.secrets import redact_mapping
+    from litlab.redaction import redact_mapping
 
     tags = redact_mapping(tags)
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

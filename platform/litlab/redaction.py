@@ -1,4 +1,7 @@
-"""Keep secrets out of what a run publishes (MLflow params, tags and text artifacts; W&B config).
+"""Keep secrets out of what a run publishes (not named secrets.py: under DDP Lightning relaunches
+`litlab/__main__.py` as a script, so this directory is on sys.path and would shadow the stdlib module).
+
+Keep secrets out of what a run publishes (MLflow params, tags and text artifacts; W&B config).
 
 A secret is the value of an environment variable whose name looks like one (…KEY, …TOKEN,
 …SECRET, …PASSWORD, …PASSWD, …CREDENTIAL(S), e.g. WANDB_API_KEY, AWS_SECRET_ACCESS_KEY) and is at
