@@ -67,6 +67,25 @@ def _tensor_results(trainer) -> dict[str, Any]:
     return out
 
 
+def _pending_log(trainer) -> dict[str, Any] | None:
+    """What Lightning will log right after this checkpoint is written: the step's (or, at an epoch
+    end, the epoch's) metrics and their step; None if it logs nothing then."""
+    lc = getattr(trainer, "_logger_connector", None)
+    if lc is None or not trainer.loggers or trainer.sanity_checking or not trainer.training:
+        return None
+    try:
+        at_epoch_end = lc._first_loop_iter is None
+        if not at_epoch_end and not (lc.should_update_logs or trainer.fast_dev_run):
+            return None
+        metrics = {k: float(v) for k, v in lc.metrics["log"].items()}
+    except Exception:  # Lightning internals moved: resume still works, at worst with this one gap
+        return None
+    if not metrics:
+        return None
+    metrics.setdefault("epoch", float(trainer.current_epoch))
+    return {"step": int(trainer.fit_loop.epoch_loop._batches_that_stepped), "metrics": metrics}
+
+
 def _metric_states(module) -> dict[str, dict[str, Any]]:
     import torchmetrics
 
@@ -106,6 +125,9 @@ class ExactResume(Callback):
         if self._mid_epoch:
             state["results"] = _tensor_results(trainer)
             state["metrics"] = _metric_states(pl_module)
+        pending = _pending_log(trainer)
+        if pending:
+            state["pending_log"] = pending
         checkpoint[KEY] = state
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -114,6 +136,13 @@ class ExactResume(Callback):
         self._loader_states = fit_state.get("combined_loader") or []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning logs a step's metrics (and an epoch's) just AFTER the checkpoint of that step is
+        # written: a kill in between would lose them for good, since the resumed run starts after
+        # that step. The checkpoint carries them; send them now (a logger that has them skips them).
+        pending = (self._pending or {}).get("pending_log")
+        if pending and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(pending["metrics"]), step=pending["step"])
         # Lightning hands the saved loader states back in setup_data(); but a module whose
         # configure_optimizers() reads trainer.estimated_stepping_batches (every cosine/onecycle
         # schedule) makes setup_data() run BEFORE the checkpoint is restored, and the states are

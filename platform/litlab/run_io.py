@@ -55,15 +55,26 @@ def finish_run(uri: str, run_id: str, cfg: Config, tracker, sysmon, best: str | 
 
 
 def wandb_logger(cfg: Config, run_id: str):
+    from litlab.redaction import redact, redact_mapping
+
     save_dir = Path("mlruns") / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(project=cfg.tracking.wandb_project, name=cfg.tracking.run_name or cfg.name,
+    logger = WandbLogger(project=cfg.tracking.wandb_project, name=redact(cfg.tracking.run_name or cfg.name),
                          id=run_id, save_dir=str(save_dir), offline=cfg.tracking.wandb == "offline",
                          resume="allow")
-    from litlab.redaction import redact_mapping
-
     logger.log_hyperparams(redact_mapping(config_mod.flatten(cfg.to_dict())))
     return logger
+
+
+def finish_wandb(loggers: list) -> None:
+    """End this run's W&B run: otherwise the next litlab run in the same process (a notebook, a
+    test) would be logged into it, since WandbLogger reuses an active `wandb.run`."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            try:
+                logger._experiment.finish()
+            except Exception as e:  # never hide the run's own outcome
+                print(f"litlab: warning: could not finish the W&B run: {e}", file=sys.stderr)
 
 
 def start_system_metrics(cfg: Config, uri: str, run_id: str, resumed: bool):

@@ -32,7 +32,7 @@ from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_ca
                                   read_metadata)
 from litlab.guards import NonFiniteGuard
 from litlab.resume_state import ExactResume
-from litlab.run_io import close_failed, finish_run, start_system_metrics, wandb_logger
+from litlab.run_io import close_failed, finish_run, finish_wandb, start_system_metrics, wandb_logger
 from litlab.provenance import device_description, git_info, process_alive, version_tags
 from litlab.config import Config
 from litlab.errors import UserError
@@ -140,8 +140,8 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
     tracker = sysmon = trainer = None
     fit_started = False
     previous_env = os.environ.get(RUN_ID_ENV)
+    loggers: list = []
     try:
-        loggers = []
         if use_mlflow:
             tracker = tracking.MlflowTracker(uri, run_id, cfg.tracking.flush_interval, last_steps,
                                                flush_timeout=cfg.tracking.flush_timeout)
@@ -183,6 +183,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
             close_failed(uri, run_id, e, tracker, sysmon, delete=created and untrained)
         raise
     finally:
+        finish_wandb(loggers)
         if previous_env is None:
             os.environ.pop(RUN_ID_ENV, None)
         else:
