@@ -210,7 +210,7 @@ def test_sft_then_dpo_raises_the_property_rate(tmp_path):
     sft_out = t.test(sft, datamodule=dm, verbose=False)[0]
     assert sft_out["test/loss"] < 0.85 * math.log(dm.info()["vocab_size"])  # beats a uniform guess
     assert 0.3 < sft_out["test/property_rate"] < 0.7  # the SFT mixture: half of its completions have it
-    ckpt = tmp_path / "mlruns" / "sft.ckpt"  
+    ckpt = tmp_path / "mlruns" / "sft.ckpt"
     t.save_checkpoint(ckpt)
 
     results = {}
