@@ -122,3 +122,23 @@ def find_last_checkpoint(uri: str, run_id: str, checkpoint_dir: str | None) -> P
     target = dest / LAST
     os.replace(downloaded, target)
     return target
+
+
+def run_checkpoint(run_id: str, tracking_uri: str | None, key: str) -> Path:
+    """The best checkpoint of RUN_ID (else its last.ckpt), for a config arg `key` that names a run
+    (e.g. model.pretrained, model.reference); UserError naming `key` when there is none."""
+    from litlab import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    try:
+        run = tracking.client(uri).get_run(run_id)
+    except Exception as e:
+        raise UserError(f"{key}: {run_id!r} is neither a checkpoint file nor a run in {uri} ({type(e).__name__}; "
+                        "give the .ckpt path, or the --tracking-uri of that run)") from None
+    ckpt_dir = run.data.tags.get("litlab.checkpoint_dir")
+    best = sorted(Path(ckpt_dir).glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) \
+        if ckpt_dir and Path(ckpt_dir).is_dir() else []
+    path = best[-1] if best else find_last_checkpoint(uri, run_id, ckpt_dir)
+    if path is None:
+        raise UserError(f"{key}: run {run_id} has no checkpoint")
+    return Path(path)

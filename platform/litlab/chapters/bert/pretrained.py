@@ -17,25 +17,6 @@ from torch import nn
 from litlab.errors import ConfigError, UserError
 
 
-def _run_checkpoint(run_id: str, tracking_uri: str | None, key: str) -> Path:
-    from litlab import tracking
-    from litlab.checkpointing import find_last_checkpoint
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    try:
-        run = tracking.client(uri).get_run(run_id)
-    except Exception as e:
-        raise UserError(f"{key}: {run_id!r} is neither a checkpoint file nor a run in {uri} "
-                        f"({type(e).__name__}; without MLflow tracking, give the .ckpt path)") from None
-    ckpt_dir = run.data.tags.get("litlab.checkpoint_dir")
-    best = sorted(Path(ckpt_dir).glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) \
-        if ckpt_dir and Path(ckpt_dir).is_dir() else []
-    path = best[-1] if best else find_last_checkpoint(uri, run_id, ckpt_dir)
-    if path is None:
-        raise UserError(f"{key}: run {run_id} has no checkpoint")
-    return Path(path)
-
-
 def load_checkpoint(pretrained: str, tracking_uri: str | None = None, key: str = "model.pretrained") -> dict[str, Any]:
     """The checkpoint dict (state_dict, hyper_parameters, ...) of a file or a run id."""
     from litlab import checkpointing
@@ -43,7 +24,7 @@ def load_checkpoint(pretrained: str, tracking_uri: str | None = None, key: str =
     path = Path(pretrained).expanduser()
     trusted = False  # a path from the user: outside mlruns/ only with --allow-external-checkpoints
     if not path.is_file():
-        path, trusted = _run_checkpoint(pretrained, tracking_uri, key), True  # the run's own checkpoint
+        path, trusted = checkpointing.run_checkpoint(pretrained, tracking_uri, key), True  # the run's own checkpoint
     ckpt = checkpointing.load_checkpoint(path, trusted=trusted)  # weights_only=True: no pickled code
     if "state_dict" not in ckpt:
         raise UserError(f"{key}: {path} is not a Lightning checkpoint (no state_dict)")

@@ -18,31 +18,10 @@ from typing import Any
 import torch
 
 from litlab.chapters.preference.losses import sft_loss
-from litlab.checkpointing import load_checkpoint
+from litlab.checkpointing import load_checkpoint, run_checkpoint
 from litlab.errors import ConfigError, UserError
 
 KEY = "model.reference"
-
-
-def _run_checkpoint(run_id: str, tracking_uri: str | None) -> Path:
-    from mlflow.exceptions import MlflowException
-
-    from litlab import tracking
-    from litlab.checkpointing import find_last_checkpoint
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    try:
-        run = tracking.client(uri).get_run(run_id)
-    except MlflowException as e:
-        raise UserError(f"{KEY}: {run_id!r} is neither a checkpoint file nor a run in {uri} "
-                        f"({type(e).__name__}); pass --tracking-uri of the sft run") from None
-    ckpt_dir = run.data.tags.get("litlab.checkpoint_dir")
-    best = sorted(Path(ckpt_dir).glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) \
-        if ckpt_dir and Path(ckpt_dir).is_dir() else []
-    path = best[-1] if best else find_last_checkpoint(uri, run_id, ckpt_dir)
-    if path is None:
-        raise UserError(f"{KEY}: run {run_id} has no checkpoint")
-    return Path(path)
 
 
 def load_reference_state(reference: str, expected: dict[str, Any], tracking_uri: str | None = None) -> dict:
@@ -50,7 +29,7 @@ def load_reference_state(reference: str, expected: dict[str, Any], tracking_uri:
     path = Path(reference).expanduser()
     trusted = False  # a path from the user: outside mlruns/ only with --allow-external-checkpoints
     if not path.is_file():
-        path, trusted = _run_checkpoint(reference, tracking_uri), True  # the run's own checkpoint
+        path, trusted = run_checkpoint(reference, tracking_uri, KEY), True  # the run's own checkpoint
     ckpt = load_checkpoint(path, trusted=trusted)  # weights_only=True: tensors and plain data only
     if "state_dict" not in ckpt:
         raise UserError(f"{KEY}: {path} is not a Lightning checkpoint (no state_dict)")
