@@ -208,6 +208,27 @@ def test_gpt_experiment_logs_bpc_perplexity_and_a_sample_that_reloads(tracking_u
     with open(text, encoding="utf-8") as f:
         body = f.read().split("\n\n", 1)[1]
     assert body.startswith("The ") and len(body.rstrip("\n")) == 4 + 30
+    assert "plots/attention.png" in [a.path for a in c.list_artifacts(result.run_id, "plots")]
     module = load(result.run_id, tracking_uri=tracking_uri)  # the vocabulary travels in the checkpoint
     a = module.generate_text("The ", length=20, seed=3)
     assert a == module.generate_text("The ", length=20, seed=3, use_cache=False) and len(a) == 24
+
+
+def test_attention_figure_weights_are_causal_rows_of_the_softmax():
+    """The weights plotted are each query's softmax over the keys up to it, from the same model."""
+    from litlab.chapters.gpt.figures import attention_weights, self_attention_figure, shown_layers
+    from litlab.chapters.gpt.nets import GPT
+
+    torch.manual_seed(0)
+    net = GPT(11, 16, 5, 2, 16, 32, 0.1, "learned", "sdpa", None, True).train()
+    ids = torch.randint(0, 11, (1, 9))
+    layers = shown_layers(5)
+    assert layers == [0, 2, 4] and shown_layers(1) == [0]
+    w = attention_weights(net, ids, layers)
+    assert net.training and all(b.attn_weights is None and not b.keep_weights for b in net.blocks)  # restored
+    for layer in layers:
+        assert w[layer].shape == (2, 9, 9)
+        assert torch.allclose(w[layer].sum(-1), torch.ones(2, 9), atol=1e-5)
+        assert torch.all(w[layer].triu(1) == 0)  # no query looks ahead
+    fig = self_attention_figure(w, list("abcdefghi"), "t")
+    assert len(fig.axes) == 3 * 2 + 1  # 3 layers x 2 heads + the colour bar

@@ -1,4 +1,4 @@
-"""`litlab` command line: run | resume | sweep | models | runs | sync | ui.
+"""`litlab` command line: run | resume | sweep | models | runs | compare | sync | ui.
 
 Thin on purpose: parse, then call litlab.runner / litlab.tracking. Heavy imports (torch,
 lightning, mlflow) happen inside the commands, so `litlab --help` answers at once. A mistake the
@@ -19,6 +19,8 @@ EPILOG = """examples:
   litlab run experiments/mlp/mlp_digits.yaml trainer.strategy=ddp trainer.devices=2 trainer.accelerator=cpu
   litlab resume RUN_ID trainer.max_epochs=40
   litlab runs --limit 10
+  litlab runs --model mlp --where "test/acc>0.9" --sort test/acc
+  litlab compare RUN_ID RUN_ID --plot val/acc
   litlab ui
 """
 
@@ -64,11 +66,36 @@ def _parser() -> argparse.ArgumentParser:
                        description="Every registered model with its course chapter and a one-line description.")
     m.add_argument("--chapter", help="only models whose chapter contains this text")
 
-    ls = sub.add_parser("runs", help="table of tracked runs, newest first",
-                        description="A table of runs (id, name, model, status, start, duration, key metrics), newest first.")
+    ls = sub.add_parser("runs", help="table of tracked runs, newest first, with filters",
+                        description="A table of runs (id, name, model, status, start, duration, key metrics), newest\n"
+                                    "first; filter by model, status and metric thresholds, sort by a metric.",
+                        epilog="example: litlab runs --model mlp --status FINISHED --where 'test/acc>0.9' --sort test/acc",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("--experiment", metavar="NAME", help="only this MLflow experiment")
     ls.add_argument("--limit", type=int, default=20, metavar="N", help="at most N runs (default 20)")
+    ls.add_argument("--model", metavar="NAME", help="only runs of this registered model (see `litlab models`)")
+    ls.add_argument("--status", metavar="STATUS", help="only FINISHED, FAILED, RUNNING or KILLED runs")
+    ls.add_argument("--where", action="append", metavar="'METRIC OP NUMBER'",
+                    help="only runs whose metric passes, e.g. 'test/acc>0.9' (OP: > >= < <= ==); repeatable")
+    ls.add_argument("--sort", metavar="METRIC", help="order by this metric, highest first")
+    ls.add_argument("--asc", action="store_true", help="with --sort: lowest first")
     tracking_opt(ls)
+
+    cp = sub.add_parser("compare", help="runs side by side: the params that differ, key metrics, overlay plots",
+                        description="Compare runs: the params that differ between them and their key metrics\n"
+                                    "(each run's monitored metric, test/*) side by side, the best of each row marked.\n"
+                                    "--plot METRIC draws that metric over steps for every run on one plot.",
+                        epilog="examples:\n  litlab compare 3f2a9c01 77b1e4d2\n"
+                               "  litlab compare --experiment mlp_digits --limit 5\n"
+                               "  litlab compare 3f2a9c01 77b1e4d2 --plot val/acc --out val_acc.png",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cp.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="run ids (or unique prefixes of 6+ characters)")
+    cp.add_argument("--experiment", metavar="NAME", help="the newest runs of this experiment instead of RUN_IDs")
+    cp.add_argument("--limit", type=int, default=10, metavar="N", help="with --experiment: at most N runs (default 10)")
+    cp.add_argument("--metric", action="append", metavar="METRIC", help="also show this metric; repeatable")
+    cp.add_argument("--plot", metavar="METRIC", help="write a plot of METRIC over steps for these runs")
+    cp.add_argument("--out", metavar="FILE.png", help="where --plot writes (default compare_<metric>.png)")
+    tracking_opt(cp)
 
     w = sub.add_parser("sweep", help="run (or resume) an Optuna study over an experiment, tracked in MLflow",
                        description="Run an Optuna study: one trial = one `litlab run` with sampled overrides, one MLflow "
@@ -192,15 +219,19 @@ def _report(result, quiet: bool) -> None:
         uri_opt = "" if result.tracking_uri.endswith("mlruns/mlflow.db") else f" --tracking-uri {result.tracking_uri}"
         print(f"\nlook at it:  litlab ui{uri_opt}   then open "
               f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.run_id}")
-        print(f"list runs:   litlab runs{uri_opt}")
+        from shlex import quote
+
+        exp = quote(result.config.tracking.experiment or result.config.name)
+        ck = result.config.callbacks.checkpoint
+        print(f"list runs:   litlab runs{uri_opt} --experiment {exp} --sort {ck.monitor}{' --asc' if ck.mode == 'min' else ''}")
+        print(f"compare:     litlab compare{uri_opt} --experiment {exp} --plot {ck.monitor}")
         print(f"train more:  litlab resume {result.run_id}{uri_opt} trainer.max_epochs={result.config.trainer.max_epochs * 2}")
 
 
 def cmd_models(args) -> int:
-    from litlab import registry
+    from litlab.model_index import registered_models  # read from the source: no chapter is imported
 
-    registry.load_all()
-    rows = sorted(registry.MODELS.values(), key=lambda e: (e.chapter, e.name))
+    rows = registered_models()
     if args.chapter:
         rows = [e for e in rows if args.chapter.lower() in e.chapter.lower()]
     width = max((len(e.name) for e in rows), default=4)
@@ -214,7 +245,16 @@ def cmd_models(args) -> int:
 def cmd_runs(args) -> int:
     from litlab.runs_table import print_runs
 
-    print_runs(args.tracking_uri, args.experiment, args.limit)
+    print_runs(args.tracking_uri, args.experiment, args.limit, model=args.model, status=args.status,
+               where=args.where, sort=args.sort, asc=args.asc)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from litlab.compare import compare
+
+    compare(args.run_ids, args.experiment, args.tracking_uri, metrics=args.metric, plot=args.plot, out=args.out,
+            limit=args.limit)
     return 0
 
 
@@ -286,7 +326,7 @@ def _rank_from_env() -> int:
 
 
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "sweep": cmd_sweep, "models": cmd_models, "runs": cmd_runs,
-            "ui": cmd_ui, "sync": cmd_sync}
+            "compare": cmd_compare, "ui": cmd_ui, "sync": cmd_sync}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,6 +79,13 @@ class TrainerConfig:
     fast_dev_run: bool | Annotated[int, Range(ge=0)] = False
     enable_progress_bar: bool = True
     skip_nonfinite: bool = False  # skip a step whose loss/gradients are NaN/inf (else: stop the run FAILED)
+    # speed (README "Performance"): none of these changes what is computed, except compile's and
+    # TF32's rounding of float32 matrix products
+    fast_loop: bool = True  # litlab's lean training step where it computes exactly what Lightning's does
+    compile: bool = False  # torch.compile the model's `net` (static shapes) before training
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
+    matmul_precision: Literal["highest", "high", "medium"] = "high"  # GPU float32 matmuls: high = TF32 tensor cores
+    channels_last: bool | None = None  # NHWC weights for 2-D convolutions; None: on a GPU only
 
 
 @dataclass
@@ -369,6 +376,9 @@ def _cross_checks(cfg: Config) -> None:
     o = cfg.optim
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
         raise ConfigError("optim.nesterov", "needs optim.name=sgd and optim.momentum > 0")
+    t = cfg.trainer
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError("trainer.compile_mode", f"{t.compile_mode!r} is only used with trainer.compile=true")
     es = cfg.callbacks.early_stopping
     if es.enabled and es.mode is None and es.monitor not in (None, cfg.callbacks.checkpoint.monitor):
         raise ConfigError("callbacks.early_stopping.mode", "set it (min or max) when monitoring a different metric")

@@ -2,10 +2,13 @@
 
 `NonFiniteGuard` watches the loss each backward pass sees (automatic and manual optimisation).
 
-- Default (`trainer.skip_nonfinite=false`): no host synchronisation per step. Non-finiteness is
-  accumulated on the device and read every `check_every` steps, at epoch ends and before every
-  checkpoint is written; a checkpoint is never written after a non-finite loss, so the last one on
-  disk is the last good one. The run then raises `TrainingDiverged` (status FAILED, reason tag).
+- Default (`trainer.skip_nonfinite=false`): no host synchronisation per step. Each loss is folded
+  into one device scalar as `flag += loss * 0` (0 while every loss is finite: 0 * inf and 0 * NaN
+  are NaN, and NaN sticks); one kernel a step. The flag is read every `check_every` steps (on a GPU
+  through an asynchronous copy, looked at a few steps later, so the GPU never waits for the
+  host), at epoch ends and, synchronously, before every checkpoint is written: a checkpoint is
+  never written after a non-finite loss, so the last one on disk is the last good one. The run
+  then raises `TrainingDiverged` (status FAILED, reason tag).
 - `trainer.skip_nonfinite=true`: the flag is read before each optimiser step (one sync per step);
   a step whose loss or gradients are not finite is skipped (gradients dropped, so the optimiser's
   state does not move) and counted in `train/skipped_steps`.
@@ -19,43 +22,55 @@ from lightning.pytorch.callbacks import Callback
 from litlab.errors import TrainingDiverged
 
 
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """0 (same dtype and device) if every element of `loss` is finite, else NaN."""
+    zero = loss.detach() * 0
+    zero = zero if zero.ndim == 0 else zero.sum()
+    return zero if zero.dtype == torch.float32 else zero.float()
+
+
 class NonFiniteGuard(Callback):
     def __init__(self, skip: bool = False, check_every: int = 50):
         self.skip = skip
         self.check_every = check_every
-        self._bad: torch.Tensor | None = None  # device bool: a non-finite loss since the last check
-        self._step_bad: torch.Tensor | None = None
+        self._flag: torch.Tensor | None = None  # device scalar: NaN once a non-finite loss was seen since the last check
+        self._step_flag: torch.Tensor | None = None  # skip mode: this step's losses
+        self._in_flight: tuple[torch.Tensor, torch.cuda.Event] | None = None  # async copy of _flag to the host
         self.skipped = 0
-        self._first_bad_step: int | None = None
+        self._batches = 0  # training batches seen: a poll every check_every of them
 
     # every backward pass -----------------------------------------------------------------------
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._bad = bad if self._bad is None else self._bad | bad
-        self._step_bad = bad if self._step_bad is None else self._step_bad | bad
+        poisoned = _poisoned(loss)
+        if self.skip:
+            self._step_flag = poisoned if self._step_flag is None else self._step_flag + poisoned
+        elif self._flag is None:
+            self._flag = poisoned
+        else:
+            self._flag += poisoned
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.skip:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = self._step_bad if self._step_bad is not None else torch.zeros((), dtype=torch.bool)
+        bad = ~torch.isfinite(self._step_flag) if self._step_flag is not None else torch.zeros((), dtype=torch.bool)
         if grads:
             norms = torch._foreach_norm(grads)
             bad = bad.to(norms[0].device) | ~torch.isfinite(torch.stack(norms)).all()
-        self._step_bad = None
+        self._step_flag = None
         if bool(bad):  # the one sync per step this mode costs
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # torch optimisers leave a parameter without a gradient untouched
             self.skipped += 1
-            self._bad = None
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, reduce_fx="max")
 
     # the checks ------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._step_bad = None
-        if not self.skip and (trainer.global_step % self.check_every == 0):
-            self._check(trainer)
+        self._step_flag = None
+        self._batches += 1
+        if not self.skip and self._batches % self.check_every == 0:
+            self._poll(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.skip:
@@ -65,11 +80,34 @@ class NonFiniteGuard(Callback):
         if not self.skip:
             self._check(trainer)  # raising here aborts the save: the last checkpoint stays the good one
 
+    def _poll(self, trainer) -> None:
+        """The periodic check: synchronous on the CPU (free there); on a GPU, look at the copy made
+        at an earlier poll if it has landed, and start a new one."""
+        if self._flag is None or self._flag.device.type != "cuda":
+            self._check(trainer)
+            return
+        if self._in_flight is not None:
+            host, copied = self._in_flight
+            if not copied.query():
+                return  # not there yet: look again at the next poll
+            self._in_flight = None
+            if host.item() != 0:  # a host tensor: no device sync
+                self._diverged(trainer)
+        host = torch.empty((), dtype=self._flag.dtype, pin_memory=True)
+        host.copy_(self._flag, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._in_flight = (host, copied)
+
     def _check(self, trainer) -> None:
-        if self._bad is not None and bool(self._bad):
-            last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-            where = f"by step {trainer.global_step} (epoch {trainer.current_epoch})"
-            raise TrainingDiverged(
-                f"the loss became NaN or infinite {where}; the last good checkpoint is kept"
-                + (f" ({last})" if last else "")
-                + ". Try a lower optim.lr, trainer.gradient_clip_val=1.0, or trainer.skip_nonfinite=true to skip such batches")
+        self._in_flight = None
+        if self._flag is not None and bool(self._flag != 0):
+            self._diverged(trainer)
+
+    def _diverged(self, trainer) -> None:
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        where = f"by step {trainer.global_step} (epoch {trainer.current_epoch})"
+        raise TrainingDiverged(
+            f"the loss became NaN or infinite {where}; the last good checkpoint is kept"
+            + (f" ({last})" if last else "")
+            + ". Try a lower optim.lr, trainer.gradient_clip_val=1.0, or trainer.skip_nonfinite=true to skip such batches")

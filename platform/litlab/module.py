@@ -6,7 +6,7 @@ that stores files. `ClassifierModule` adds the cross-entropy step and accuracy m
 only builds `self.net` (a plain nn.Module, tensors in, tensors out).
 
 Metric names: `train/loss` (per step and per epoch), `train/acc`, `val/loss`, `val/acc`,
-`test/loss`, `test/acc`.
+`test/loss`, `test/acc`. At the end of test, a classifier stores `plots/confusion_matrix.png`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,63 @@ import torchmetrics
 
 class LitlabModule(L.LightningModule):
     optim_config: Any = None  # litlab.config.OptimConfig, set by the runner before fit
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around every hook call, ~40 times a training step; a plain
+        # string never goes through nn.Module's parameter/buffer/submodule bookkeeping.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def is_logging_step(self) -> bool:
+        """True in a training step whose on_step values Lightning sends to the loggers (every
+        trainer.log_every_n_steps steps): log on_step-only values then, skip the call otherwise."""
+        t = self._trainer
+        return t is not None and (t._logger_connector.should_update_logs or bool(t.fast_dev_run))
+
+    def log_step_metrics(self, metrics: dict[str, torch.Tensor], batch_size: int | None = None) -> None:
+        """Per-step values (call it where is_logging_step() is True). When every logger is litlab's
+        MlflowTracker they go to it as device tensors, with the epoch, at the step Lightning would
+        log them: no host sync (the copy to the host lands later), and not in callback_metrics.
+        Otherwise they go through self.log(on_step=True, on_epoch=False)."""
+        trainer, loggers = self._trainer, self.loggers
+        if trainer is not None and loggers and all(hasattr(lg, "log_tensor_metrics") for lg in loggers):
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning's log_metrics uses
+            for logger in loggers:
+                logger.log_tensor_metrics({**metrics, "epoch": trainer.current_epoch}, step)
+            return
+        for name, value in metrics.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def is_last_batch(self) -> bool:
+        """True in the training step of the epoch's last batch (known before the step runs)."""
+        t = self._trainer
+        if t is None:
+            return False
+        loop = t.fit_loop.epoch_loop
+        return bool(loop.batch_progress.is_last_batch) or loop.batch_progress.current.ready >= t.num_training_batches
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """trainer.gradient_clip_val, clipped here with torch's foreach kernels. Lightning's own path
+        refuses a fused optimiser under mixed precision (the fused step unscales the gradients
+        itself); here a grad scaler's gradients are unscaled first, which the fused step accepts."""
+        if not gradient_clip_val:
+            return
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):  # sharded: Lightning's way
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # 16-mixed + fused: Lightning left them scaled for the fused step
+        if str(gradient_clip_algorithm).lower().endswith("value"):
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:  # g <- g * min(1, c / ||g||_2), ||g|| over all parameters together
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def configure_optimizers(self):
         from litlab.config import OptimConfig
@@ -47,8 +104,103 @@ class LitlabModule(L.LightningModule):
                 logger.log_figure(figure, artifact_file)
 
 
+class AccuracyWithConfusion(torchmetrics.classification.MulticlassConfusionMatrix):
+    """A running confusion matrix C[true, predicted] whose compute() is the micro accuracy
+    trace(C) / sum(C) (= MulticlassAccuracy(average="micro")): the test accuracy and the confusion
+    matrix plot come from one accumulation. update() takes logits (B, K, ...) or labels (B, ...)
+    and adds with index_add_ on the device: no bincount (on CUDA it syncs with the host to size its
+    output) and no value validation (it syncs too; cross-entropy has checked the labels already)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes=num_classes, validate_args=False)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if preds.is_floating_point() and preds.ndim == target.ndim + 1:
+            preds = preds.argmax(1)  # logits (B, K, ...) -> labels (B, ...)
+        cell = target.reshape(-1).long() * self.num_classes + preds.reshape(-1).long()  # row-major (true, pred)
+        self.confmat.view(-1).index_add_(0, cell, torch.ones_like(cell))
+
+    def compute(self) -> torch.Tensor:
+        return self.confmat.diagonal().sum().float() / self.confmat.sum().clamp_min(1)
+
+    def matrix(self) -> torch.Tensor:
+        """The confusion matrix (K, K) summed over all ranks (every rank must call this)."""
+        with self.sync_context():
+            return self.confmat.clone()
+
+
+class TrainEpochStats(torchmetrics.Metric):
+    """The training epoch's running sums on the device, for train/loss_epoch and train/acc.
+
+    `add(loss, logits, target)` is what a training step pays: three kernels (argmax, ==, and the
+    loss added to its running sum), no host sync, no validation, no self.log. The comparisons wait
+    in a short list and are counted every `fold_every` steps (integer sums: exact in any grouping);
+    the loss is summed step by step, in order, so that a run resumed mid-epoch (ExactResume saves
+    these states) adds the same floats in the same order as the uninterrupted one.
+    `epoch_values()` -> (mean loss weighted by batch size, micro accuracy), as Lightning's on_epoch
+    mean and MulticlassAccuracy gave them, summed over DDP ranks."""
+
+    full_state_update = False
+
+    def __init__(self, fold_every: int = 256):
+        super().__init__()
+        self.fold_every = fold_every
+        self.add_state("loss_sum", torch.zeros(()), dist_reduce_fx="sum")  # sum of loss x batch size
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # batch sizes
+        self.add_state("targets", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # labels compared
+        self._pending: list[tuple[torch.Tensor, int, int]] = []  # (pred == target, batch size, numel)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """loss (), logits (B, K, ...), target (B, ...) class indices."""
+        n = target.shape[0]
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self._pending.append((logits.detach().argmax(1) == target, n, target.numel()))
+        self._update_count += 1
+        self._computed = None
+        if len(self._pending) >= self.fold_every:
+            self.fold()
+
+    update = add
+
+    def fold(self) -> None:
+        """Count the waiting comparisons into the states (two kernels for up to fold_every steps)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self.correct += torch.cat([hit.reshape(-1) for hit, _, _ in pending]).sum()
+        self.samples += sum(n for _, n, _ in pending)
+        self.targets += sum(m for _, _, m in pending)
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_sum / self.samples.clamp_min(1), self.correct.float() / self.targets.clamp_min(1)
+
+    def epoch_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.fold()
+        return self.compute()
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = []
+
+
+def class_names(datamodule, num_classes: int) -> list[str]:
+    """Names of the classes: the datamodule's `class_names`, its HF label feature's names, or indices."""
+    names = getattr(datamodule, "class_names", None)
+    if names is None:
+        try:
+            names = datamodule.hf_splits["train"].features["label"].names
+        except (AttributeError, KeyError, TypeError):
+            names = None
+    names = list(names) if names is not None else []
+    return [str(n) for n in names] if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
 class ClassifierModule(LitlabModule):
-    """Cross-entropy classification over batches (x, y); subclasses set `self.net`."""
+    """Cross-entropy classification over batches (x, y); subclasses set `self.net`. The test
+    accuracy is accumulated as a confusion matrix, stored as plots/confusion_matrix.png at the end."""
 
     net: torch.nn.Module
 
@@ -57,9 +209,11 @@ class ClassifierModule(LitlabModule):
         self.metrics = torch.nn.ModuleDict(
             {
                 stage: torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, average="micro")
-                for stage in ("train_acc", "val_acc", "test_acc")
+                for stage in ("train_acc", "val_acc")
             }
         )
+        self.metrics["test_acc"] = AccuracyWithConfusion(num_classes)
+        self.train_stats = TrainEpochStats()  # train/loss and train/acc without a self.log per step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, ...) -> logits (B, num_classes)
@@ -72,6 +226,9 @@ class ClassifierModule(LitlabModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        if stage == "train":
+            self.log_train_step(loss, logits, y)
+            return loss
         acc = self.metrics[f"{stage}_acc"]
         acc.update(logits.detach(), y)
         on_step = stage == "train"
@@ -81,7 +238,30 @@ class ClassifierModule(LitlabModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train") + self.penalty()
+        loss, penalty = self._shared_step(batch, "train"), self.penalty()
+        return loss if isinstance(penalty, float) and penalty == 0.0 else loss + penalty  # no "+ 0.0" node
+
+    def log_train_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """train/loss_step at the steps Lightning sends to the loggers (every log_every_n_steps);
+        train/loss_epoch and train/acc (and train/loss, for callbacks) once, at the epoch's last batch."""
+        self.train_stats.add(loss, logits, y)
+        if self.is_logging_step():
+            self.log_step_metrics({"train/loss_step": loss.detach()}, batch_size=y.shape[0])
+        if self.is_last_batch():
+            self._log_train_epoch()
+
+    def _log_train_epoch(self) -> None:
+        stats = self.train_stats
+        if not stats.update_called:
+            return
+        mean_loss, acc = stats.epoch_values()
+        self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True, batch_size=1)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=1)
+        self.log("train/loss", mean_loss, on_step=False, on_epoch=True, batch_size=1, logger=False)
+        stats.reset()
+
+    def on_train_epoch_end(self):  # an epoch cut short (max_steps, an unsized loader): log what it had
+        self._log_train_epoch()
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
@@ -92,3 +272,23 @@ class ClassifierModule(LitlabModule):
     def predict_step(self, batch, batch_idx):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
+
+    def on_test_epoch_end(self):
+        self.log_confusion_matrix()
+
+    def log_confusion_matrix(self) -> None:
+        """plots/confusion_matrix.png of the test set: one read of the accumulated matrix."""
+        metric = self.metrics["test_acc"]
+        if not isinstance(metric, AccuracyWithConfusion) or not metric.update_called or self.trainer is None:
+            return
+        matrix = metric.matrix().cpu()  # (K, K), all ranks
+        if not self.trainer.is_global_zero or not self.loggers:
+            return
+        import matplotlib.pyplot as plt
+
+        from litlab.plots import confusion_matrix_figure
+
+        names = class_names(getattr(self.trainer, "datamodule", None), matrix.shape[0])
+        fig = confusion_matrix_figure(matrix, names, title=f"test confusion matrix ({type(self).__name__})")
+        self.log_figure(fig, "plots/confusion_matrix.png")
+        plt.close(fig)

@@ -13,6 +13,7 @@ def learning_curves(c, run_id: str, title: str):
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run = c.get_run(run_id)
     panels: dict[str, list[tuple[str, str]]] = defaultdict(list)  # quantity -> [(label, key)]
@@ -23,7 +24,7 @@ def learning_curves(c, run_id: str, title: str):
         if stage == "train" and rest.endswith("_step") and f"train/{rest[:-5]}_epoch" in run.data.metrics:
             continue  # the epoch mean reads better than noisy per-step points when both exist
         quantity = rest.removesuffix("_epoch").removesuffix("_step")
-        panels[quantity].append((f"{stage}", key))
+        panels[quantity].append((f"{stage} (epoch mean)" if rest.endswith("_epoch") else stage, key))
     if not panels:
         return None
     n = len(panels)
@@ -34,6 +35,7 @@ def learning_curves(c, run_id: str, title: str):
             ax.plot([m.step for m in hist], [m.value for m in hist], marker="o" if len(hist) < 30 else None,
                     markersize=3, label=label)
         ax.set_title(quantity)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(quantity)
         ax.grid(alpha=0.3)
@@ -68,5 +70,44 @@ def image_grid(images, title: str = "", nrow: int | None = None, labels=None, cm
                 ax.set_title(str(labels[i]), fontsize=7)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_figure(matrix, names: list[str] | None = None, title: str = "confusion matrix"):
+    """Confusion matrix C[true, predicted] (K, K) of counts -> a matplotlib Figure. Colour: the
+    fraction of each true class (row-normalised, so rare classes read as well as common ones);
+    text: the counts (K <= 20); tick labels: `names` (K <= 40); the title adds accuracy and n."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else np.asarray(matrix)
+    cm = cm.astype(np.int64)
+    k = cm.shape[0]
+    names = [str(n) for n in names] if names is not None and len(names) == k else [str(i) for i in range(k)]
+    total = int(cm.sum())
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)  # recall per true class
+    side = min(3.5 + 0.45 * k, 14)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 40:
+        ax.set_xticks(range(k), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right" if
+                      max(map(len, names)) > 3 else "center", fontsize=8 if k > 15 else 10)
+        ax.set_yticks(range(k), names, fontsize=8 if k > 15 else 10)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8 if k > 10 else 10,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    acc = np.trace(cm) / total if total else float("nan")
+    ax.set_title(f"{title}\naccuracy {acc:.3f} on {total} samples", fontsize=11)
     fig.tight_layout()
     return fig

@@ -91,6 +91,8 @@ def _metric_states(module) -> dict[str, dict[str, Any]]:
 
     out = {}
     for name, m in module.named_modules():
+        if isinstance(m, torchmetrics.Metric) and hasattr(m, "fold"):
+            m.fold()  # e.g. litlab.module.TrainEpochStats: steps not yet summed into its states
         if isinstance(m, torchmetrics.Metric) and m._update_count:
             out[name] = {"states": {s: _clone(getattr(m, s)) for s in m._defaults}, "update_count": m._update_count}
     return out
@@ -128,6 +130,9 @@ class ExactResume(Callback):
         pending = _pending_log(trainer)
         if pending:
             state["pending_log"] = pending
+        for logger in trainer.loggers:  # step values still being copied to the host: journal them first
+            if hasattr(logger, "land_pending"):
+                logger.land_pending()
         checkpoint[KEY] = state
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:

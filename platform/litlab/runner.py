@@ -12,6 +12,7 @@ LITLAB_RUN_ID environment variable, so every rank writes to the same checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
 
 from litlab import config as config_mod
@@ -35,7 +37,7 @@ from litlab.resume_state import ExactResume
 from litlab.run_io import close_failed, finish_run, finish_wandb, start_system_metrics, wandb_logger
 from litlab.provenance import device_description, git_info, process_alive, version_tags
 from litlab.config import Config
-from litlab.errors import UserError
+from litlab.errors import ConfigError, UserError
 
 RUN_ID_ENV = "LITLAB_RUN_ID"
 
@@ -158,6 +160,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
             cbs.append(_Announce(f"litlab: {what} run {run_id} (experiment {cfg.tracking.experiment or cfg.name}, "
                                  f"{uri if use_mlflow else 'not tracked'})"))
         trainer = _build_trainer(cfg, loggers, cbs, ckpt_dir, quiet)
+        _speed_settings(cfg, model, trainer)
         if rank == 0 and use_mlflow:
             tracking.set_tags(uri, run_id, {"device": device_description(trainer)})
             sysmon = start_system_metrics(cfg, uri, run_id, resumed=resume_from is not None)
@@ -284,24 +287,83 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
 
 def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, quiet: bool = False):
     t = cfg.trainer
+    # -- progress display (litlab/progress.py): rich bar on a terminal, one line per epoch otherwise, none if quiet
+    from litlab import progress
+
+    shown = progress.progress_callbacks(t.enable_progress_bar and not quiet, sys.stderr.isatty())
+    callbacks = [*callbacks, *shown]
+    # --
     optional = {k: getattr(t, k) for k in ("val_check_interval", "limit_train_batches", "limit_val_batches",
                                           "limit_test_batches", "gradient_clip_val", "benchmark")
                 if getattr(t, k) is not None}
     try:
-        return L.Trainer(
+        trainer = L.Trainer(
             accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
             precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
             gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val else None,
             accumulate_grad_batches=t.accumulate_grad_batches, deterministic=t.deterministic,
             log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
             num_sanity_val_steps=t.num_sanity_val_steps, fast_dev_run=t.fast_dev_run,
-            enable_progress_bar=t.enable_progress_bar and sys.stderr.isatty() and not quiet,
+            enable_progress_bar=progress.has_bar(shown),
             enable_model_summary=not quiet,
             logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-            default_root_dir=str(ckpt_dir), **optional)
+            default_root_dir=str(ckpt_dir), profiler=NoProfiler(), **optional)
     except (MisconfigurationException, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"trainer: {first}") from None
+    if t.fast_loop:
+        from litlab import fast_loop
+
+        fast_loop.install(trainer)
+    return trainer
+
+
+def _speed_settings(cfg: Config, model, trainer) -> None:
+    """Device settings and model preparation of trainer.{matmul_precision, benchmark, channels_last,
+    compile} (README "Performance")."""
+    import torch
+
+    t = cfg.trainer
+    on_gpu = trainer.strategy.root_device.type == "cuda"
+    if on_gpu:
+        torch.set_float32_matmul_precision(t.matmul_precision)  # high: TF32 tensor cores for float32 matmuls
+        if t.benchmark is None and not t.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks the fastest convolution once
+    convs = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if convs and (t.channels_last if t.channels_last is not None else on_gpu):
+        model.to(memory_format=torch.channels_last)  # NHWC kernels of cuDNN; inputs follow at the first conv
+    if t.compile:
+        net = getattr(model, "net", None)
+        if not isinstance(net, torch.nn.Module):
+            raise ConfigError("trainer.compile", f"model {cfg.model['name']!r} has no `net` module to compile")
+        # the net's forward, in place: its state_dict keys stay the same (torch.compile(net) would prefix
+        # them with _orig_mod.; in torch 2.13 nn.Module.compile() leaves a Sequential uncompiled);
+        # dynamic=False: one graph per input shape (the full batch, the epoch's last one)
+        net.forward = torch.compile(net.forward, dynamic=False, mode=None if t.compile_mode == "default" else t.compile_mode)
+        trainer.callbacks.append(_EagerAfterFit(net))
+
+
+class _EagerAfterFit(Callback):
+    """trainer.compile is for the training steps: after fit, the net's own forward again, before the
+    module's on_fit_end (GPT sampling: one new shape per token would recompile) and the test."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def on_fit_end(self, trainer, pl_module):
+        self.net.__dict__.pop("forward", None)
+
+
+class NoProfiler(PassThroughProfiler):
+    """Lightning wraps each of the ~80 hook calls of a training step in `profiler.profile(name)`,
+    a generator-based context manager even when nothing is profiled (~2 us each on a laptop CPU);
+    this profiler hands back one shared no-op context instead."""
+
+    def profile(self, action_name: str):
+        return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _experiment_id(uri: str, run_id: str) -> str | None:

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,7 @@ class MlflowTracker(Logger):
         self.flush_timeout = flush_timeout
         self.spool = MetricSpool(spool_dir or default_spool_dir(), run_id)
         self._last_step = dict(last_logged_steps or {})
+        self._in_flight: deque = deque()  # log_tensor_metrics: (keys, host values, copy event, numbers, step, time)
         self._worker: threading.Thread | None = None
         self._wake = threading.Event()
         self._outage: str | None = None  # the error while the server is unreachable
@@ -227,8 +229,54 @@ class MlflowTracker(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        step = int(step or 0)
+        self._land(wait=True)  # earlier tensor metrics first (their copies are done: Lightning synced)
+        self._journal(metrics, int(step or 0), int(time.time() * 1000))
+
+    @rank_zero_only
+    def log_tensor_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Metrics given as device tensors (scalars) or numbers, journaled without a host sync: the
+        tensors are copied to pinned host memory asynchronously and journaled when the copy has
+        landed, at a later call or at flush() (litlab.module.LitlabModule.log_step_metrics)."""
+        import torch
+
         now = int(time.time() * 1000)
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        numbers = {k: v for k, v in metrics.items() if k not in tensors}
+        host, copied = None, None
+        if tensors and not self._in_flight and all(v.device.type == "cpu" for v in tensors.values()):
+            # host tensors: read now (no device to wait for), journaled in this call
+            self._journal({**{k: v.item() for k, v in tensors.items()}, **numbers}, step, now)
+            return
+        if tensors:
+            values = torch.stack([v.detach().reshape(()).to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+                                  for v in tensors.values()])
+            if values.is_cuda:
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host.copy_(values, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            else:
+                host = values
+        self._in_flight.append((list(tensors), host, copied, numbers, step, now))
+        self._land(wait=False)
+
+    def land_pending(self) -> None:
+        """Journal every tensor metric still being copied to the host (waits for the copies)."""
+        self._land(wait=True)
+
+    def _land(self, wait: bool) -> None:
+        """Journal the asynchronously copied metrics whose copy is done (all of them if `wait`), in order."""
+        while self._in_flight:
+            keys, host, copied, numbers, step, now = self._in_flight[0]
+            if copied is not None:
+                if not wait and not copied.query():
+                    return
+                copied.synchronize()
+            self._in_flight.popleft()
+            values = dict(zip(keys, host.tolist())) if keys else {}
+            self._journal({**values, **numbers}, step, now)
+
+    def _journal(self, metrics: dict[str, float], step: int, now: int) -> None:
         points = []
         for key, value in metrics.items():
             if step <= self._last_step.get(key, -1):
@@ -252,7 +300,7 @@ class MlflowTracker(Logger):
         try:
             client(self.tracking_uri).log_figure(self.run_id, figure, artifact_file)
         except Exception as e:  # keep it for `litlab sync`
-            local = self.spool.dir / "files" / self.run_id / artifact_file
+            local = self.spool.dir / ".files" / self.run_id / artifact_file  # dot: not a run id to `litlab sync`
             local.parent.mkdir(parents=True, exist_ok=True)
             figure.savefig(local)
             self.spool.record_artifact(str(local), str(Path(artifact_file).parent) or None)
@@ -306,6 +354,7 @@ class MlflowTracker(Logger):
     def flush(self, timeout: float | None = None) -> bool:
         """Send every journaled point now, retrying for up to `timeout` seconds (default
         flush_timeout) while the server is unreachable. True when nothing is left unsent."""
+        self._land(wait=True)
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
         delay = 0.5
         while not self._send_pending():

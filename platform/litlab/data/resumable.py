@@ -55,9 +55,13 @@ class EpochShuffleSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
+        """This epoch's permutation as an int64 tensor (n,)."""
         g = torch.Generator().manual_seed(mix(run_seed() if self.seed is None else self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
         return self.n

@@ -229,7 +229,8 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
     if t is not None:
         value = "" if t.values is None else " ".join(f"{m}={v:.4g}" for m, v in zip(spec.metrics, t.values))
         secs = f"{t.duration.total_seconds():.1f}s" if t.duration else ""
-        say(f"trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}")
+        finished = st.budget(study, spec.n_trials).done  # progress: trials done / total (issue 10)
+        say(f"[{finished}/{spec.n_trials}] trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}")
 
 
 def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:

@@ -154,6 +154,30 @@ class GPTBase(LitlabModule):
         header = (f"# {type(self).registry_name}: {h.n_layer} layers x {h.d_model}, {h.n_head} heads, "
                   f"temperature {h.temperature}, top_k {h.sample_top_k}, prompt {h.prompt!r}\n\n")
         log_text(self, header + text + "\n", "samples/generated.txt")
+        self.log_attention_figure(text)
+
+    ATTENTION_TOKENS = 40  # the stretch of the sample shown in plots/attention.png
+
+    def log_attention_figure(self, text: str) -> None:
+        """plots/attention.png: the self-attention of a few layers and heads over the start of the
+        sample. Only for the exact backends (math, sdpa); the efficient ones attend differently."""
+        if self.hparams.attention not in ("math", "sdpa") or not any(hasattr(lg, "log_figure") for lg in self.loggers):
+            return
+        import matplotlib.pyplot as plt
+
+        from litlab.chapters.gpt.figures import attention_weights, self_attention_figure, shown_layers
+
+        vocab = self.vocab
+        ids = vocab.encode(text)[: min(self.ATTENTION_TOKENS, self.hparams.block_size)]
+        if len(ids) < 2:
+            return
+        layers = shown_layers(self.hparams.n_layer)
+        weights = attention_weights(self.net, ids[None].to(self.device), layers)
+        tokens = [vocab.decode([int(i)]) for i in ids]
+        fig = self_attention_figure(weights, tokens, f"{type(self).registry_name}: causal self-attention over its "
+                                                    "own sample (rows: queries, columns: keys)")
+        self.log_figure(fig, "plots/attention.png")
+        plt.close(fig)
 
 
 @register_model(

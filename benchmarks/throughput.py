@@ -1,0 +1,510 @@
+"""litlab against a hand-written PyTorch loop: the same model, data and optimiser, side by side.
+
+    PYTHONPATH=platform python benchmarks/throughput.py --bench mlp --repeats 5
+    PYTHONPATH=platform python benchmarks/throughput.py --bench all --device cuda --out /tmp/throughput.md
+    PYTHONPATH=platform python benchmarks/throughput.py --bench all --smoke      # tiny sizes, any device
+
+For each benchmark, in ONE process, interleaved, `--repeats` times: a raw loop (tensors indexed by
+hand, `opt.zero_grad(); loss.backward(); opt.step(); sched.step()`) and `litlab.runner.run()` of the
+experiment config with litlab's defaults (tracking, checkpoints, monitors, guards all on). Only
+training steps are timed: from the start of the first step of each epoch to the end of its last
+step (validation and checkpoint writes at the epoch end are outside both clocks), after
+`--warmup-epochs` epochs; throughput = timed samples (tokens for GPT) / timed seconds. The best
+repeat of each side is reported (the machine is shared: the best is the least disturbed), with the
+ratio litlab / hand loop, peak device memory, MFU for GPT (6 N tokens/s over the peak named in the
+table) and the time from `litlab run` (a fresh process) to the first training step.
+
+Benchmarks (model and data exactly as in the YAML, training length set here):
+  mlp       experiments/mlp/mlp_digits.yaml      digits 8x8, MLP 64-128-64-10, batch 64
+  lenet     experiments/cnn/lenet_digits.yaml    digits 32x32 with shift augmentation, batch 64
+  resnet18  the `resnet` model (depth 18, stem cifar) on synthetic 32x32x3 images, batch 512, bf16
+  gpt2      experiments/transformer/gpt2_small.yaml  (86M parameters, 16 x 1024 byte tokens, bf16)
+Variants (--variants): default, notrack (tracking.mlflow=false), compile (trainer.compile=true vs
+a torch.compile'd hand loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO / "platform"))  # after PYTHONPATH: another litlab (e.g. a baseline checkout) may go first
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# Dense bf16 peaks (no sparsity) used for MFU, from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+@dataclass
+class Bench:
+    name: str
+    source: str | dict  # experiment YAML (relative to the repo) or a config dict
+    overrides: list[str]
+    kind: str  # "classify" (x, y) -> cross-entropy over classes | "lm": (B, T) ids -> next-token CE
+    gpu_only_overrides: list[str] = field(default_factory=list)
+
+
+def synthetic_images_config(smoke: bool) -> dict:
+    return {
+        "name": "bench_resnet18",
+        "seed": 0,
+        "model": {"name": "resnet", "depth": 18, "stem": "cifar", "width": 0.0625 if smoke else 1.0},
+        "data": {"name": "bench_images", "n_train": 64 if smoke else 512 * 48, "n_val": 32 if smoke else 1024,
+                 "image_size": 16 if smoke else 32, "batch_size": 16 if smoke else 512},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                  "scheduler": {"name": "cosine"}},
+        "trainer": {"max_epochs": 4},
+        "callbacks": {"checkpoint": {"monitor": "val/acc", "mode": "max"}},
+    }
+
+
+def benches(smoke: bool, epochs: int | None) -> dict[str, Bench]:
+    e = epochs
+    # the end-of-run upload of the checkpoints to MLflow (GPT-2: 2 x 1 GB) is outside the timed steps
+    no_upload = ["tracking.log_checkpoints=false"]
+    gpt_smoke = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64", "model.block_size=64",
+                 "data.seq_len=64", "data.batch_size=4", "data.max_chars=60000", "model.sample_length=8"]
+    return {
+        "mlp": Bench("mlp", "experiments/mlp/mlp_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 20)}"],
+                     "classify"),
+        "lenet": Bench("lenet", "experiments/cnn/lenet_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 8)}"],
+                       "classify"),
+        "resnet18": Bench("resnet18", synthetic_images_config(smoke), [f"trainer.max_epochs={e or 3}"],
+                          "classify", gpu_only_overrides=["trainer.precision=bf16-mixed", *no_upload]),
+        "gpt2": Bench("gpt2", "experiments/transformer/gpt2_small.yaml",
+                      [f"trainer.max_epochs={e or (3 if smoke else 2)}", "model.sample_length=16",
+                       *(gpt_smoke if smoke else [])], "lm", gpu_only_overrides=no_upload),
+    }
+
+
+def register_bench_data() -> None:
+    """`bench_images`: seeded random 32x32x3 images and labels, CIFAR-10 sized, in memory."""
+    from typing import Annotated
+
+    from litlab.data.base import LitlabDataModule
+    from litlab.data.memory import FastLoaderMixin, TensorBatchDataset
+    from litlab.registry import DATA, register_data
+    from litlab.schema import Range
+
+    if "bench_images" in DATA:
+        return
+
+    @register_data("bench_images", description="random CIFAR-sized images (benchmarks only)")
+    class BenchImages(FastLoaderMixin, LitlabDataModule):
+        def __init__(self, batch_size: Annotated[int, Range(ge=1)] = 512, num_workers: int = 0,
+                     n_train: Annotated[int, Range(ge=1)] = 12288, n_val: Annotated[int, Range(ge=1)] = 1024,
+                     image_size: Annotated[int, Range(ge=4)] = 32, num_classes: Annotated[int, Range(ge=2)] = 10):
+            super().__init__(batch_size=batch_size, num_workers=num_workers)
+            self.n_train, self.n_val, self.image_size, self.num_classes = n_train, n_val, image_size, num_classes
+
+        def info(self):
+            return {"input_shape": (3, self.image_size, self.image_size), "num_classes": self.num_classes}
+
+        def setup(self, stage=None):
+            if self.train_set is not None:
+                return
+            g = torch.Generator().manual_seed(1234)
+            sets = []
+            for n in (self.n_train, self.n_val, self.n_val):
+                x = torch.randn(n, 3, self.image_size, self.image_size, generator=g)
+                sets.append(TensorBatchDataset(x, torch.randint(0, self.num_classes, (n,), generator=g)))
+            self.train_set, self.val_set, self.test_set = sets
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class EpochClock:
+    """Sums the time of the training steps of each epoch from `warmup_epochs` on: from the start of
+    its first step to the end of its last one (a device sync at both ends)."""
+
+    def __init__(self, warmup_epochs: int, clock: str = "wall"):
+        self.warmup_epochs = warmup_epochs
+        # wall: perf_counter; cpu: this thread's CPU time (steadier on a loaded CPU-only machine,
+        # but blind to time spent waiting, e.g. for other threads holding the GIL)
+        self.now = time.perf_counter if clock == "wall" else time.thread_time
+        self.seconds = 0.0
+        self.steps = 0
+        self.samples = 0
+        self._t0 = None
+
+    def start(self, epoch: int, device) -> None:
+        if epoch >= self.warmup_epochs:
+            sync(device)
+            self._t0 = self.now()
+
+    def step(self, samples: int) -> None:
+        if self._t0 is not None:
+            self.steps += 1
+            self.samples += samples
+
+    def stop(self, device) -> None:
+        if self._t0 is not None:
+            sync(device)
+            self.seconds += self.now() - self._t0
+            self._t0 = None
+
+
+def lightning_clock_callback(clock: EpochClock, samples_of: Callable[[Any], int]):
+    import lightning as L
+
+    class ClockCallback(L.Callback):
+        first_step_at: float | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            if batch_idx == 0:
+                clock.start(trainer.current_epoch, pl_module.device)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.step(samples_of(batch))
+            if batch_idx == trainer.num_training_batches - 1:
+                clock.stop(pl_module.device)
+
+    return ClockCallback()
+
+
+# ------------------------------------------------------------------------------------ the two sides
+def litlab_side(cfg, clock: EpochClock, samples_of, tracking_uri: str) -> dict:
+    from litlab import runner
+
+    cb = lightning_clock_callback(clock, samples_of)
+    runner.run(cfg, tracking_uri=tracking_uri, callbacks=[cb])  # as `litlab run` (progress lines included)
+    return {}
+
+
+def hand_side(cfg, bench: Bench, clock: EpochClock, device: torch.device, compile_net: bool) -> dict:
+    """The loop a careful user writes by hand for the same config: same net (built by the same
+    registered class from the same seed), same data tensors and augmentation, same optimiser."""
+    import lightning as L
+
+    from litlab import registry
+    from litlab.optim import param_groups
+
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = registry.get_data(cfg.data["name"]).cls(**{k: v for k, v in cfg.data.items() if k != "name"})
+    dm.setup("fit")
+    module = registry.get_model(cfg.model["name"]).cls(**{k: v for k, v in cfg.model.items() if k != "name"})
+    net = module.net.to(device)
+    ds = dm.train_set
+    x_all, y_all, transform = ds.x.to(device), ds.y.to(device), ds.transform
+    channels_last = device.type == "cuda" and x_all.ndim == 4
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    bf16 = cfg.trainer.precision == "bf16-mixed"
+    o = cfg.optim
+    groups = param_groups(net, o.weight_decay)
+    kernel = optimizer_kernel(device)  # the fastest torch has, as litlab picks it
+    if o.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **kernel)
+    else:
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        opt = cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kernel)
+    steps_per_epoch = math.ceil(len(x_all) / dm.batch_size)
+    total = steps_per_epoch * cfg.trainer.max_epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0))))
+    clip = cfg.trainer.gradient_clip_val
+    if compile_net:  # as litlab does it (trainer.compile=true): the forward, static shapes
+        net.forward = torch.compile(net.forward, dynamic=False)
+    step_fn = net
+
+    def loss_of(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = step_fn(x)
+        if bench.kind == "lm":
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return F.cross_entropy(logits.float(), y)
+
+    net.train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.trainer.max_epochs):
+        perm = torch.randperm(len(x_all), generator=g).to(device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * dm.batch_size:(i + 1) * dm.batch_size]
+            x, y = x_all[idx], y_all[idx]
+            if transform is not None:
+                x = transform(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if i == 0:
+                clock.start(epoch, device)
+            loss = loss_of(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip, foreach=True)
+            opt.step()
+            sched.step()
+            clock.step(x.numel() if bench.kind == "lm" else len(x))  # tokens or samples, as the litlab side
+        clock.stop(device)
+    return {}
+
+
+def optimizer_kernel(device: torch.device) -> dict:
+    """{"fused": True} where torch has fused optimiser kernels for the device (CUDA; CPU from 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = device.type in _get_fused_kernels_supported_devices()
+    except ImportError:
+        fused = device.type == "cuda"
+    return {"fused": True} if fused else {"foreach": True}
+
+
+# ------------------------------------------------------------------------------------ one benchmark
+def param_count(cfg) -> int:
+    from litlab import registry
+
+    module = registry.get_model(cfg.model["name"]).cls(**{k: v for k, v in cfg.model.items() if k != "name"})
+    net = module.net
+    n = sum(p.numel() for p in net.parameters())
+    pos = getattr(getattr(net, "pos", None), "weight", None)  # learned positions: no matmul FLOPs
+    return n - (pos.numel() if pos is not None else 0)
+
+
+def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    if device.type != "cuda":
+        return None, "n/a (CPU)"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops, f"{name}: {tflops:g} TFLOP/s dense bf16"
+    return None, f"{name}: peak unknown"
+
+
+def measure(bench: Bench, args, variant: str) -> dict:
+    from litlab import runner
+
+    device = torch.device(args.device)
+    overrides = [*bench.overrides, f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+                 "tracking.system_metrics=true"]
+    if device.type == "cuda":
+        overrides += bench.gpu_only_overrides
+    else:
+        overrides += ["trainer.precision=32"]
+    if variant == "notrack" or not args.mlflow:
+        overrides.append("tracking.mlflow=false")
+    if variant == "compile":
+        overrides.append("trainer.compile=true")
+    source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
+    cfg = runner.load_config(source, overrides)
+    tokens = bench.kind == "lm"
+    samples_of = (lambda b: b[0].numel()) if tokens else (lambda b: len(b[0]))
+    results: dict[str, list] = {"hand": [], "litlab": []}
+    mem: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="litlab-bench-") as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)  # checkpoints and the tracking store go to a throw-away directory
+        try:
+            for r in range(args.repeats):
+                for side in (("hand", "litlab") if r % 2 == 0 else ("litlab", "hand")):
+                    clock = EpochClock(args.warmup_epochs, args.clock)
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    if side == "hand":
+                        hand_side(cfg, bench, clock, device, compile_net=variant == "compile")
+                    else:
+                        litlab_side(cfg, clock, samples_of, f"sqlite:///{tmp}/mlflow.db")
+                    if device.type == "cuda":
+                        mem[side] = max(mem.get(side, 0), torch.cuda.max_memory_allocated(device))
+                    rate = clock.samples / clock.seconds if clock.seconds else float("nan")
+                    results[side].append(rate)
+                    print(f"  {bench.name:<9} {variant:<8} repeat {r + 1}: {side:<6} {rate:12,.0f} "
+                          f"{'tokens' if tokens else 'samples'}/s ({clock.steps} steps in {clock.seconds:.3f} s)",
+                          file=sys.stderr, flush=True)
+        finally:
+            os.chdir(cwd)
+    hand, lit = max(results["hand"]), max(results["litlab"])
+    label = variant if args.mlflow or variant == "notrack" else f"{variant} (mlflow missing: untracked)"
+    row = {"bench": bench.name, "variant": label, "clock": args.clock, "device": device_name(device), "unit": "tokens/s" if tokens else "samples/s",
+           "hand": hand, "litlab": lit, "ratio": lit / hand, "repeats": args.repeats,
+           "hand_all": results["hand"], "litlab_all": results["litlab"],
+           "peak_mem_mib": {k: v / 2**20 for k, v in mem.items()}}
+    if tokens:
+        n = param_count(cfg)
+        peak, peak_name = device_peak_tflops(device)
+        row["params_non_embedding_pos"] = n
+        row["peak"] = peak_name
+        if peak:
+            row["mfu"] = {k: 6 * n * row[k] / (peak * 1e12) for k in ("hand", "litlab")}
+    return row
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+
+
+# ------------------------------------------------------------------------------------ start-up time
+def startup_time(args) -> dict:
+    """Seconds from launching `litlab run` (a new process) to its first training step, and of
+    `litlab --help` and `litlab models`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    out = {}
+    for name, cmd in (("help", ["--help"]), ("models", ["models"])):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "litlab", *cmd], env=env, capture_output=True, check=True)
+        out[f"litlab_{name}_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="litlab-start-") as tmp:
+        probe = Path(tmp) / "first_step.py"
+        probe.write_text(FIRST_STEP_PROBE)
+        t0 = time.time()
+        p = subprocess.run([sys.executable, str(probe), str(REPO / "experiments/mlp/mlp_digits.yaml"),
+                            f"sqlite:///{tmp}/mlflow.db", args.device, str(int(args.mlflow))], env=env, cwd=tmp,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"start-up probe failed: {p.stderr.strip()[-500:]}", file=sys.stderr)
+            out["run_to_first_step_s"] = float("nan")
+        else:
+            out["run_to_first_step_s"] = float(p.stdout.strip().splitlines()[-1]) - t0
+    return out
+
+
+# `litlab run` in a fresh interpreter, stopped at its first training step (which prints the time).
+FIRST_STEP_PROBE = """
+import sys, time
+import lightning as L
+from litlab import runner
+
+class FirstStepReached(Exception):
+    pass
+
+class FirstStep(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        print(time.time(), flush=True)
+        raise FirstStepReached  # not KeyboardInterrupt: Lightning would exit(1) on it
+
+acc = "gpu" if sys.argv[3].startswith("cuda") else "cpu"
+track = [] if sys.argv[4] == "1" else ["tracking.mlflow=false"]
+try:
+    runner.run(sys.argv[1], ["trainer.max_epochs=1", f"trainer.accelerator={acc}", *track],
+               tracking_uri=sys.argv[2], callbacks=[FirstStep()], quiet=True)
+except FirstStepReached:
+    pass
+"""
+
+
+# ------------------------------------------------------------------------------------ report
+def markdown(rows: list[dict], startup: dict | None) -> str:
+    lines = ["| benchmark | variant | device | hand loop | litlab | litlab / hand | peak mem hand / litlab (MiB) | MFU hand / litlab |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for r in rows:
+        mem = r["peak_mem_mib"]
+        mem_s = f"{mem['hand']:.0f} / {mem['litlab']:.0f}" if mem else "-"
+        mfu = r.get("mfu")
+        mfu_s = f"{100 * mfu['hand']:.1f}% / {100 * mfu['litlab']:.1f}%" if mfu else "-"
+        lines.append(f"| {r['bench']} | {r['variant']} | {r['device']} | {r['hand']:,.0f} {r['unit']} | "
+                     f"{r['litlab']:,.0f} {r['unit']} | {r['ratio']:.3f} | {mem_s} | {mfu_s} |")
+    peaks = {r["peak"] for r in rows if "peak" in r}
+    if peaks:
+        lines.append("")
+        lines.append("MFU = 6 x N x tokens/s / peak (N = parameters without the position table); peak: "
+                     + "; ".join(sorted(peaks)))
+    if rows:
+        import lightning
+
+        lines.append("")
+        lines.append(f"best of {rows[0]['repeats']} interleaved repeats, {rows[0]['clock']} clock; torch {torch.__version__}, "
+                     f"lightning {lightning.__version__}")
+    if startup:
+        lines.append("")
+        lines.append(f"start-up: `litlab --help` {startup['litlab_help_s']:.2f} s, `litlab models` "
+                     f"{startup['litlab_models_s']:.2f} s, `litlab run` to the first training step "
+                     f"{startup['run_to_first_step_s']:.2f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", nargs="+", default=["mlp"], metavar="NAME[:VARIANTS]",
+                   help="mlp, lenet, resnet18, gpt2 or all; NAME:v1,v2 gives that benchmark its own variants")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, help="training epochs of every run (default: per benchmark)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time (default) or the training thread's CPU time (for A/B tests on a busy CPU)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs not timed")
+    p.add_argument("--variants", default="default", help="comma-separated: default, notrack, compile")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
+    p.add_argument("--startup", action="store_true", help="also time `litlab --help`, `litlab models` and "
+                                                          "`litlab run` to its first step")
+    p.add_argument("--out", nargs="+", default=[], metavar="FILE", help="write the results to FILE.json and/or "
+                                                                        "FILE.md (rewritten after every benchmark)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):  # chatter, not costs
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if torch.device(args.device).type == "cuda":  # what a careful hand loop sets (litlab: trainer.matmul_precision)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    args.mlflow = importlib.util.find_spec("mlflow") is not None
+    if not args.mlflow:
+        print("mlflow is not installed: litlab runs with tracking.mlflow=false", file=sys.stderr)
+    register_bench_data()
+    table = benches(args.smoke, args.epochs)
+    plan = []
+    for item in args.bench:
+        name, _, variants = item.partition(":")
+        for n in (list(table) if name == "all" else [name]):
+            if n not in table:
+                p.error(f"unknown benchmark {n!r}: choose from {', '.join(table)} or all")
+            if name == "all" and n in ("resnet18", "gpt2") and torch.device(args.device).type != "cuda" and not args.smoke:
+                continue  # GPU-sized: on a CPU only when named
+            plan += [(n, v) for v in (variants or args.variants).split(",")]
+    rows: list[dict] = []
+    for n, v in plan:
+        rows.append(measure(table[n], args, v))
+        write_outputs(args.out, rows, None)
+    startup = startup_time(args) if args.startup else None
+    print(write_outputs(args.out, rows, startup))
+    return 0
+
+
+def write_outputs(paths: list[str], rows: list[dict], startup: dict | None) -> str:
+    text = markdown(rows, startup)
+    for path in paths:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rows": rows, "startup": startup}, indent=2) if out.suffix == ".json" else text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""A lean training step: Lightning's training-batch loop without its per-step dispatch machinery.
+
+Lightning runs one training batch through ~40 hook dispatches (each wraps the call in a profiler
+context, formats names, walks every callback whether it overrides the hook or not), a closure
+object, the LightningOptimizer -> strategy -> precision -> torch optimizer chain and an
+`inspect.signature` of `training_step`. For a small model on a CPU that costs more than the step
+itself (a digits MLP: ~0.5 ms of machinery around ~0.35 ms of work). `LeanTrainingEpochLoop`
+replaces `Trainer.fit_loop.epoch_loop` (runner: `trainer.fast_loop=true`, the default) and runs
+the same batch in the same order of hooks, with the same arguments and the same
+`_current_fx_name` seen by each, the same progress counters and the same results:
+
+    fetch -> convert_input -> on_before_batch_transfer -> batch_to_device -> on_train_batch_start
+    -> training_step -> on_before_zero_grad -> optimizer_zero_grad -> on_before_backward -> backward
+    -> on_after_backward -> on_before_optimizer_step -> configure_gradient_clipping -> optimizer.step
+    -> lr_scheduler_step -> on_train_batch_end -> logger connector (log every n steps)
+
+but calls only the callbacks that override each hook, directly. It takes this path only where it
+is the same computation: automatic optimisation with one optimiser, no gradient accumulation,
+one device (SingleDeviceStrategy), a precision plugin whose backward/step are Lightning's plain
+ones (32, 64, bf16-mixed, 16-true; not 16-mixed with its grad scaler), a module that does not
+override optimizer_step, no dataloader_iter training_step, not the first batch after a restart,
+and a Lightning version this was checked against (2.5, 2.6). Anything else runs Lightning's own
+`advance()`, unchanged. tests/test_performance.py trains the same run both ways and compares
+the weights, optimiser state and every logged metric bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+CHECKED_VERSIONS = ("2.5.", "2.6.")
+STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_train_batch_end")
+_PRECISION_METHODS = ("convert_input", "pre_backward", "backward", "post_backward", "optimizer_step",
+                      "_wrap_closure", "_after_closure", "_clip_gradients")
+
+
+def supported_version() -> bool:
+    return lightning.__version__.startswith(CHECKED_VERSIONS)
+
+
+def install(trainer) -> bool:
+    """Put a LeanTrainingEpochLoop in the trainer (before fit); False if this Lightning is unknown."""
+    if not supported_version():
+        return False
+    _skip_needless_moves()
+    old = trainer.fit_loop.epoch_loop
+    trainer.fit_loop.epoch_loop = LeanTrainingEpochLoop(trainer, min_steps=old.min_steps, max_steps=old.max_steps)
+    return True
+
+
+def _skip_needless_moves() -> None:
+    """Every `self.log` call runs `_ResultMetric.to(value.device)`, which rebuilds the result's
+    attribute dict through apply_to_collection (deep-copying its metadata dataclass): ~0.3 ms on a
+    laptop CPU even when every tensor is on that device already. Return at once in that case (a
+    move of tensors that are where they should be does nothing); any other case is Lightning's."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
+
+    original = _ResultMetric.to
+    if getattr(original, "_litlab", False):
+        return
+
+    def to(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.device) and _all_on(self.__dict__, args[0]):
+            return self
+        return original(self, *args, **kwargs)
+
+    to._litlab = True
+    _ResultMetric.to = to
+
+
+def _all_on(attributes: dict, device: torch.device) -> bool:
+    """Every tensor among the values (and the values of dict values) is on `device`; False if a
+    value could hold tensors deeper down (a Metric, a list, ...)."""
+    for value in attributes.values():
+        if isinstance(value, torch.Tensor):
+            if value.device != device:
+                return False
+        elif isinstance(value, dict):
+            for inner in value.values():
+                if isinstance(inner, torch.Tensor):
+                    if inner.device != device:
+                        return False
+                elif isinstance(inner, (torch.nn.Module, list, tuple, dict)):
+                    return False
+        elif isinstance(value, (torch.nn.Module, list, tuple)):
+            return False
+    return True
+
+
+def _on_device(batch: Any, device: torch.device | None) -> bool:
+    """A tuple/list of plain tensors all on `device` (None: never)."""
+    return device is not None and type(batch) in (tuple, list) and all(
+        type(t) is torch.Tensor and t.device == device for t in batch)
+
+
+def _idle_per_step(callback: Callback, hook: str) -> bool:
+    """A ModelCheckpoint saving neither every n training steps nor every time interval returns at
+    once from on_train_batch_end (automatic optimisation): leave it out of the step."""
+    return (hook == "on_train_batch_end" and isinstance(callback, ModelCheckpoint)
+            and type(callback).on_train_batch_end is ModelCheckpoint.on_train_batch_end
+            and callback._every_n_train_steps < 1 and callback._train_time_interval is None)
+
+
+def _overrides(obj: Any, base: type, name: str) -> bool:
+    return getattr(type(obj), name, None) is not getattr(base, name, None) or name in vars(obj)
+
+
+class _StepResult:
+    """ClosureResult.from_training_step_output without accumulation (normalize 1) and without a
+    grad scaler (nothing scales the loss in place): no `loss / 1` and no clone, two kernels less a
+    step; `loss` (what on_train_batch_end gets as outputs["loss"]) is the detached loss itself."""
+
+    __slots__ = ("closure_loss", "loss", "extra")
+
+    def __init__(self, closure_loss: torch.Tensor | None, extra: dict):
+        self.closure_loss, self.extra = closure_loss, extra
+        self.loss = closure_loss.detach() if closure_loss is not None else None
+
+    @classmethod
+    def of(cls, output: Any) -> "_StepResult":
+        if isinstance(output, torch.Tensor) or output is None:
+            return cls(output, {})
+        if isinstance(output, Mapping) and output.get("loss") is not None:
+            return cls(output["loss"], {k: v for k, v in output.items() if k != "loss"})
+        ClosureResult.from_training_step_output(output)  # raises Lightning's own error for this output
+        raise AssertionError("unreachable")
+
+    def asdict(self) -> dict:
+        return {"loss": self.loss, **self.extra}
+
+
+class LeanTrainingEpochLoop(_TrainingEpochLoop):
+    def on_run_start(self, data_fetcher) -> None:
+        super().on_run_start(data_fetcher)
+        self._plan = self._lean_plan(data_fetcher)
+
+    # ---------------------------------------------------------------- when the lean path applies
+    def _lean_plan(self, data_fetcher) -> dict | None:
+        """The per-epoch dispatch tables, or None when the lean path would not compute the same."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        precision = trainer.precision_plugin
+        plain_precision = all(getattr(type(precision), m) is getattr(Precision, m) for m in _PRECISION_METHODS
+                              if m not in ("convert_input",)) or (
+            type(precision) is MixedPrecision and precision.scaler is None)
+        if not (
+            supported_version()
+            and type(data_fetcher) is _PrefetchDataFetcher
+            and module.automatic_optimization
+            and len(trainer.optimizers) == 1
+            and trainer.accumulate_grad_batches == 1
+            and type(trainer.strategy) is SingleDeviceStrategy
+            and plain_precision
+            and not _overrides(module, LightningModule, "optimizer_step")
+            and not any(_overrides(trainer.strategy, Strategy, h)
+                        for h in ("on_train_batch_start", "pre_backward", "post_backward", "batch_to_device"))
+        ):
+            return None
+        transfer_hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+        datamodule = getattr(trainer, "datamodule", None)
+        plain_transfer = (
+            getattr(type(precision), "convert_input") is Precision.convert_input
+            and not any(_overrides(module, LightningModule, h) for h in transfer_hooks)
+            and (datamodule is None or not any(_overrides(datamodule, LightningDataModule, h) for h in transfer_hooks)))
+        return {
+            "device": trainer.strategy.root_device if plain_transfer else None,
+            "callbacks": {h: [getattr(cb, h) for cb in trainer.callbacks
+                              if _overrides(cb, Callback, h) and not _idle_per_step(cb, h)]
+                          for h in STEP_HOOKS},
+            "module": {h: getattr(module, h) for h in (*STEP_HOOKS, "backward", "optimizer_zero_grad", "lr_scheduler_step",
+                                                       "configure_gradient_clipping")
+                       if _overrides(module, LightningModule, h) or h in ("backward", "optimizer_zero_grad",
+                                                                          "configure_gradient_clipping")},
+            "batch_idx_arg": is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2),
+        }
+
+    # ---------------------------------------------------------------- dispatch
+    def _callbacks(self, hook: str, *args) -> None:
+        fns = self._plan["callbacks"][hook]
+        if not fns:
+            return
+        trainer = self.trainer
+        module = trainer.lightning_module
+        prev, module._current_fx_name = module._current_fx_name, hook
+        for fn in fns:
+            fn(trainer, module, *args)
+        module._current_fx_name = prev
+
+    def _module(self, hook: str, *args, **kwargs):
+        fn = self._plan["module"].get(hook)
+        if fn is None:
+            return None
+        module = self.trainer.lightning_module
+        prev, module._current_fx_name = module._current_fx_name, hook
+        out = fn(*args, **kwargs)
+        module._current_fx_name = prev
+        return out
+
+    # ---------------------------------------------------------------- one batch
+    def advance(self, data_fetcher) -> None:
+        plan = getattr(self, "_plan", None)
+        if plan is None or self.restarting:
+            return super().advance(data_fetcher)
+        self.val_loop.restarting = False
+        trainer = self.trainer
+        batch, _, __ = next(data_fetcher)
+        batch_idx = self.batch_idx + 1
+        self.batch_progress.is_last_batch = data_fetcher.done
+        module = trainer.lightning_module
+        if not _on_device(batch, plan["device"]):  # else every transfer step would return the batch as it is
+            batch = trainer.precision_plugin.convert_input(batch)
+            batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
+            prev, module._current_fx_name = module._current_fx_name, "batch_to_device"
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            module._current_fx_name = prev
+        self.batch_progress.increment_ready()
+        trainer._logger_connector.on_batch_start(batch)
+
+        batch_output = None
+        skip_rest_of_epoch = False
+        if batch is None:
+            self._warning_cache.warn("train_dataloader yielded None. If this was on purpose, ignore this warning...")
+        else:
+            self._callbacks("on_train_batch_start", batch, batch_idx)
+            response = self._module("on_train_batch_start", batch, batch_idx)
+            skip_rest_of_epoch = response == -1
+            if skip_rest_of_epoch:
+                self.batch_progress.increment_by(0, is_last_batch=True)
+            else:
+                self.batch_progress.increment_started()
+                kwargs = OrderedDict(batch=batch)
+                if plan["batch_idx_arg"]:
+                    kwargs["batch_idx"] = batch_idx
+                batch_output = self._optimize(trainer.optimizers[0], batch_idx, kwargs)
+
+        self.batch_progress.increment_processed()
+        self._step_schedulers("step")
+        if self._num_ready_batches_reached():
+            self._step_schedulers("epoch")
+        if skip_rest_of_epoch:
+            raise StopIteration
+
+        self._callbacks("on_train_batch_end", batch_output, batch, batch_idx)
+        self._module("on_train_batch_end", batch_output, batch, batch_idx)
+        trainer._logger_connector.on_batch_end()
+        self.batch_progress.increment_completed()
+        trainer._logger_connector.update_train_step_metrics()
+
+    def _step_schedulers(self, interval: str) -> None:
+        """update_lr_schedulers(interval, update_plateau_schedulers=False) without accumulation:
+        each non-plateau scheduler of this interval whose frequency divides the batch (or epoch)
+        number steps, through the module's lr_scheduler_step if it has one."""
+        trainer = self.trainer
+        configs = trainer.lr_scheduler_configs
+        if not configs:
+            return
+        current = (self.batch_idx if interval == "step" else trainer.current_epoch) + 1
+        hook = self._plan["module"].get("lr_scheduler_step")  # only if the module overrides it
+        for config in configs:
+            if config.reduce_on_plateau or config.interval != interval or current % config.frequency:
+                continue
+            self.scheduler_progress.increment_ready()
+            if hook is None:
+                config.scheduler.step()
+            else:
+                self._module("lr_scheduler_step", config.scheduler, None)
+            self.scheduler_progress.increment_completed()
+
+    def _optimize(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: OrderedDict) -> dict:
+        """_AutomaticOptimization.run for one optimiser without accumulation, unrolled."""
+        trainer = self.trainer
+        progress = self.automatic_optimization.optim_progress.optimizer
+        lightning_optimizer = trainer.strategy._lightning_optimizers[0]
+        progress.step.increment_ready()
+        lightning_optimizer._on_before_step()
+        with torch.enable_grad():  # as torch's optimizer.step(closure) runs the closure
+            result = self._closure(optimizer, batch_idx, kwargs)
+        # Precision._after_closure: the hooks, then gradient clipping (the module's hook)
+        self._callbacks("on_before_optimizer_step", optimizer)
+        self._module("on_before_optimizer_step", optimizer)
+        self._module("configure_gradient_clipping", optimizer, gradient_clip_val=trainer.gradient_clip_val,
+                     gradient_clip_algorithm=trainer.gradient_clip_algorithm)
+        optimizer.step()
+        lightning_optimizer._on_after_step()
+        progress.step.increment_completed()
+        if result.loss is None:
+            return {}
+        return result.asdict()
+
+    def _closure(self, optimizer, batch_idx: int, kwargs: OrderedDict) -> _StepResult:
+        """training_step, zero_grad, backward: what Lightning's Closure runs inside optimizer.step."""
+        trainer = self.trainer
+        module = trainer.lightning_module
+        strategy = trainer.strategy
+        prev, module._current_fx_name = module._current_fx_name, "training_step"
+        output = strategy.training_step(*kwargs.values())
+        module._current_fx_name = prev
+        strategy.post_training_step()
+        result = _StepResult.of(output)
+        if result.closure_loss is None:
+            self._warning_cache.warn("`training_step` returned `None`. If this was on purpose, ignore this warning...")
+        automatic = self.automatic_optimization
+        if automatic._skip_backward:
+            return result
+        zero_grad = automatic.optim_progress.optimizer.zero_grad
+        zero_grad.increment_ready()
+        self._callbacks("on_before_zero_grad", optimizer)
+        self._module("on_before_zero_grad", optimizer)
+        zero_grad.increment_started()
+        self._module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
+        zero_grad.increment_completed()
+        if result.closure_loss is not None:
+            self._backward(result.closure_loss)
+        return result
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Strategy.backward -> Precision.pre_backward / backward / post_backward, unrolled."""
+        module = self.trainer.lightning_module
+        prev, module._current_fx_name = module._current_fx_name, "backward"
+        self._callbacks("on_before_backward", loss)
+        self._module("on_before_backward", loss)
+        module._current_fx_name = "backward"
+        module.backward(loss)
+        self._callbacks("on_after_backward")
+        self._module("on_after_backward")
+        module._current_fx_name = prev

@@ -1,0 +1,170 @@
+"""`litlab models` without importing the chapters: the registered models, read from the source.
+
+Importing every chapter (torch, Lightning, torch_geometric, gymnasium, datasets, ...) to fill the
+registry takes 10-20 s on a laptop; reading the `@register_model(...)` calls of
+`litlab/chapters/**/*.py` with `ast` takes about 0.1 s and imports nothing heavy. The name, chapter
+and description must then be string literals, concatenations of them, or module-level string
+constants (also through `from module import NAME`); a module that registers a model in any other
+way is imported and its entries are read from the registry (slow but exact). tests/test_performance.py
+checks that the index equals the registry.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent  # .../litlab
+CHAPTERS = PACKAGE_ROOT / "chapters"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    chapter: str
+    description: str
+    module: str  # the module that registers it, e.g. litlab.chapters.mlp.module
+
+
+class _Unresolved(Exception):
+    pass
+
+
+class _SourceModule:
+    """One parsed file: its module-level string constants and `from X import Y` names."""
+
+    def __init__(self, path: Path, index: _SourceIndex):
+        self.path, self.index = path, index
+        self.name = module_name(path)
+        self.text = path.read_text(encoding="utf-8")
+        self.tree = ast.parse(self.text, filename=str(path))
+        self.assigned: dict[str, ast.expr] = {}
+        self.imported: dict[str, tuple[str, str]] = {}  # local name -> (module, name)
+        for node in self.tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                self.assigned[node.targets[0].id] = node.value
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+                self.assigned[node.target.id] = node.value
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module if node.level == 0 else _relative(self.name, node.level, node.module, path)
+                for alias in node.names:
+                    self.imported[alias.asname or alias.name] = (base, alias.name)
+
+    def constant(self, name: str, depth: int = 0) -> str:
+        if depth > 8:
+            raise _Unresolved(name)
+        if name in self.assigned:
+            return self.evaluate(self.assigned[name], depth + 1)
+        if name in self.imported:
+            module, attr = self.imported[name]
+            source = self.index.module(module)
+            if source is None:
+                raise _Unresolved(f"{module}.{attr}")
+            return source.constant(attr, depth + 1)
+        raise _Unresolved(name)
+
+    def evaluate(self, node: ast.expr, depth: int = 0) -> str:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return self.evaluate(node.left, depth) + self.evaluate(node.right, depth)
+        if isinstance(node, ast.Name):
+            return self.constant(node.id, depth)
+        raise _Unresolved(ast.dump(node)[:80])
+
+    def registrations(self) -> list[ModelInfo] | None:
+        """The models this file registers; None if one of them cannot be read without importing."""
+        out = []
+        for node in self._register_calls():
+            try:
+                if not node.args:
+                    raise _Unresolved("no name")
+                kw = {k.arg: k.value for k in node.keywords if k.arg}
+                out.append(ModelInfo(self.evaluate(node.args[0]), self.evaluate(kw["chapter"]),
+                                     self.evaluate(kw["description"]), self.name))
+            except (_Unresolved, KeyError):
+                return None
+        return out
+
+
+    def _register_calls(self) -> list[ast.Call]:
+        """The register_model(...) calls: the decorators of top-level classes (walking every node
+        of the tree costs 3x the parse; done only if the text has calls elsewhere)."""
+        def is_call(node) -> bool:
+            return isinstance(node, ast.Call) and _called_name(node.func) == "register_model"
+
+        calls = [d for node in self.tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))
+                 for d in node.decorator_list if is_call(d)]
+        if len(calls) < self.text.count("register_model("):
+            calls = [node for node in ast.walk(self.tree) if is_call(node)]
+        return calls
+
+
+class _SourceIndex:
+    def __init__(self, root: Path):
+        self.root = root
+        self._modules: dict[str, _SourceModule | None] = {}
+
+    def module(self, name: str) -> _SourceModule | None:
+        if name not in self._modules:
+            path = module_path(name)
+            self._modules[name] = _SourceModule(path, self) if path is not None else None
+        return self._modules[name]
+
+
+def module_name(path: Path) -> str:
+    rel = path.resolve().relative_to(PACKAGE_ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def module_path(name: str) -> Path | None:
+    if not name.startswith("litlab"):
+        return None
+    base = PACKAGE_ROOT.parent.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _relative(current: str, level: int, module: str, path: Path) -> str:
+    package = current if path.name == "__init__.py" else current.rpartition(".")[0]
+    for _ in range(level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{module}" if module else package
+
+
+def _called_name(func: ast.expr) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def registered_models(root: Path = CHAPTERS) -> list[ModelInfo]:
+    """Every model registered under `root`, sorted by (chapter, name), mostly without imports."""
+    index = _SourceIndex(root)
+    found: list[ModelInfo] = []
+    for path in sorted(root.rglob("*.py")):
+        if "register_model" not in path.read_text(encoding="utf-8"):
+            continue
+        source = index.module(module_name(path))
+        entries = source.registrations() if source is not None else None
+        if entries is None:  # not readable from the source: import it and ask the registry
+            entries = _imported_entries(module_name(path))
+        found.extend(entries)
+    return sorted(found, key=lambda e: (e.chapter, e.name))
+
+
+def _imported_entries(module: str) -> list[ModelInfo]:
+    from litlab import registry
+
+    importlib.import_module(module)
+    return [ModelInfo(e.name, e.chapter, e.description, module) for e in registry.MODELS.values()
+            if e.cls.__module__ == module]
