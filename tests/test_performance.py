@@ -173,7 +173,7 @@ def test_epoch_gathered_batches_are_the_per_batch_gathers():
 def test_tensor_metrics_land_in_order_and_as_the_synchronous_ones(tmp_path):
     from litlab.tracking import MlflowTracker
 
-    tracker = MlflowTracker("sqlite:///unused.db", "run", spool_dir=tmp_path)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/unused.db", "run", spool_dir=tmp_path)
     tracker.log_tensor_metrics({"train/loss_step": torch.tensor(0.25), "epoch": 0}, step=4)  # CPU: lands at once
 
     class Pending:  # a CUDA event that has not completed yet
