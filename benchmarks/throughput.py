@@ -20,7 +20,8 @@ Benchmarks (model and data exactly as in the YAML, training length set here):
   resnet18  the `resnet` model (depth 18, stem cifar) on synthetic 32x32x3 images, batch 512, bf16
   gpt2      experiments/transformer/gpt2_small.yaml  (86M parameters, 16 x 1024 byte tokens, bf16)
 Variants (--variants): default, notrack (tracking.mlflow=false), compile (trainer.compile=true vs
-a torch.compile'd hand loop).
+a torch.compile'd hand loop), lightning_loop (trainer.fast_loop=false: Lightning's own training
+loop, everything else as default; shows what the lean step saves).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "platform"))  # after PYTHONPATH: another litlab (e.g. a baseline checkout) may go first
 
 import torch  # noqa: E402
+
+from litlab.schema import Range  # noqa: E402  (module level: BenchImages' string annotations resolve here)
 import torch.nn.functional as F  # noqa: E402
 
 # Dense bf16 peaks (no sparsity) used for MFU, from the vendors' data sheets.
@@ -54,6 +57,9 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 # ------------------------------------------------------------------------------------ benchmarks
+VARIANTS = ("default", "notrack", "compile", "lightning_loop")
+
+
 @dataclass
 class Bench:
     name: str
@@ -98,12 +104,9 @@ def benches(smoke: bool, epochs: int | None) -> dict[str, Bench]:
 
 def register_bench_data() -> None:
     """`bench_images`: seeded random 32x32x3 images and labels, CIFAR-10 sized, in memory."""
-    from typing import Annotated
-
     from litlab.data.base import LitlabDataModule
     from litlab.data.memory import FastLoaderMixin, TensorBatchDataset
     from litlab.registry import DATA, register_data
-    from litlab.schema import Range
 
     if "bench_images" in DATA:
         return
@@ -309,6 +312,8 @@ def measure(bench: Bench, args, variant: str) -> dict:
         overrides.append("tracking.mlflow=false")
     if variant == "compile":
         overrides.append("trainer.compile=true")
+    if variant == "lightning_loop":
+        overrides.append("trainer.fast_loop=false")
     source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
     cfg = runner.load_config(source, overrides)
     tokens = bench.kind == "lm"
@@ -458,7 +463,7 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time (default) or the training thread's CPU time (for A/B tests on a busy CPU)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs not timed")
-    p.add_argument("--variants", default="default", help="comma-separated: default, notrack, compile")
+    p.add_argument("--variants", default="default", help="comma-separated: default, notrack, compile, lightning_loop")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
     p.add_argument("--startup", action="store_true", help="also time `litlab --help`, `litlab models` and "
                                                           "`litlab run` to its first step")
@@ -487,7 +492,10 @@ def main(argv=None) -> int:
                 p.error(f"unknown benchmark {n!r}: choose from {', '.join(table)} or all")
             if name == "all" and n in ("resnet18", "gpt2") and torch.device(args.device).type != "cuda" and not args.smoke:
                 continue  # GPU-sized: on a CPU only when named
-            plan += [(n, v) for v in (variants or args.variants).split(",")]
+            for v in (variants or args.variants).split(","):
+                if v not in VARIANTS:
+                    p.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+                plan.append((n, v))
     rows: list[dict] = []
     for n, v in plan:
         rows.append(measure(table[n], args, v))

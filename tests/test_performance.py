@@ -246,3 +246,15 @@ def test_mlp_step_throughput_is_close_to_a_hand_written_loop(tmp_path, monkeypat
     ratio = max(rates["litlab"]) / max(rates["hand"])
     print(f"litlab / hand loop: {ratio:.3f}")
     assert ratio >= 0.35, rates
+
+
+def test_every_benchmark_config_validates():
+    """benchmarks/throughput.py's configs (the GPU ones included) load, so a scarce GPU run never
+    dies on a config error; `SMOKE=1 bash benchmarks/gpu_all.sh` runs them at tiny sizes."""
+    import throughput as tp
+
+    tp.register_bench_data()
+    for smoke in (True, False):
+        for bench in tp.benches(smoke=smoke, epochs=None).values():
+            source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
+            runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])

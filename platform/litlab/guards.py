@@ -2,9 +2,10 @@
 
 `NonFiniteGuard` watches the loss each backward pass sees (automatic and manual optimisation).
 
-- Default (`trainer.skip_nonfinite=false`): no host synchronisation per step. Each loss is folded
-  into one device scalar as `flag += loss * 0` (0 while every loss is finite: 0 * inf and 0 * NaN
-  are NaN, and NaN sticks); one kernel a step. The flag is read every `check_every` steps (on a GPU
+- Default (`trainer.skip_nonfinite=false`): no host synchronisation and no kernel per step: the
+  step keeps a reference to its (detached) loss. Every `check_every` steps the kept losses are
+  folded into one device scalar, `flag += sum(losses) * 0` (0 while every loss is finite: 0 * inf
+  and 0 * NaN are NaN, and NaN sticks), two kernels for all of them. The flag is read then (on a GPU
   through an asynchronous copy, looked at a few steps later, so the GPU never waits for the
   host), at epoch ends and, synchronously, before every checkpoint is written: a checkpoint is
   never written after a non-finite loss, so the last one on disk is the last good one. The run
@@ -29,11 +30,19 @@ def _poisoned(loss: torch.Tensor) -> torch.Tensor:
     return zero if zero.dtype == torch.float32 else zero.float()
 
 
+def _poisoned_all(losses: list[torch.Tensor]) -> torch.Tensor:
+    """0. (float32 scalar) if every element of every loss is finite, else NaN."""
+    if all(loss.ndim == 0 and loss.dtype == torch.float32 for loss in losses):
+        return torch.stack(losses).sum() * 0  # (n,) -> scalar
+    return sum(_poisoned(loss) for loss in losses)
+
+
 class NonFiniteGuard(Callback):
     def __init__(self, skip: bool = False, check_every: int = 50):
         self.skip = skip
         self.check_every = check_every
         self._flag: torch.Tensor | None = None  # device scalar: NaN once a non-finite loss was seen since the last check
+        self._losses: list[torch.Tensor] = []  # the detached losses since the last fold into _flag
         self._step_flag: torch.Tensor | None = None  # skip mode: this step's losses
         self._in_flight: tuple[torch.Tensor, torch.cuda.Event] | None = None  # async copy of _flag to the host
         self.skipped = 0
@@ -41,13 +50,18 @@ class NonFiniteGuard(Callback):
 
     # every backward pass -----------------------------------------------------------------------
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if not self.skip:
+            self._losses.append(loss.detach())
+            return
         poisoned = _poisoned(loss)
-        if self.skip:
-            self._step_flag = poisoned if self._step_flag is None else self._step_flag + poisoned
-        elif self._flag is None:
-            self._flag = poisoned
-        else:
-            self._flag += poisoned
+        self._step_flag = poisoned if self._step_flag is None else self._step_flag + poisoned
+
+    def _fold(self) -> None:
+        """Fold the kept losses into the flag (device kernels, no sync)."""
+        if not self._losses:
+            return
+        poisoned, self._losses = _poisoned_all(self._losses), []
+        self._flag = poisoned if self._flag is None else self._flag + poisoned
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.skip:
@@ -83,6 +97,7 @@ class NonFiniteGuard(Callback):
     def _poll(self, trainer) -> None:
         """The periodic check: synchronous on the CPU (free there); on a GPU, look at the copy made
         at an earlier poll if it has landed, and start a new one."""
+        self._fold()
         if self._flag is None or self._flag.device.type != "cuda":
             self._check(trainer)
             return
@@ -100,6 +115,7 @@ class NonFiniteGuard(Callback):
         self._in_flight = (host, copied)
 
     def _check(self, trainer) -> None:
+        self._fold()
         self._in_flight = None
         if self._flag is not None and bool(self._flag != 0):
             self._diverged(trainer)

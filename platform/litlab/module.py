@@ -40,9 +40,12 @@ class LitlabModule(L.LightningModule):
         """Per-step values (call it where is_logging_step() is True). When every logger is litlab's
         MlflowTracker they go to it as device tensors, with the epoch, at the step Lightning would
         log them: no host sync (the copy to the host lands later), and not in callback_metrics.
-        Otherwise they go through self.log(on_step=True, on_epoch=False)."""
+        Otherwise they go through self.log(on_step=True, on_epoch=False); without any logger
+        (tracking off) nothing would read them, and they are dropped."""
         trainer, loggers = self._trainer, self.loggers
-        if trainer is not None and loggers and all(hasattr(lg, "log_tensor_metrics") for lg in loggers):
+        if trainer is not None and not loggers:
+            return
+        if trainer is not None and all(hasattr(lg, "log_tensor_metrics") for lg in loggers):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning's log_metrics uses
             for logger in loggers:
                 logger.log_tensor_metrics({**metrics, "epoch": trainer.current_epoch}, step)
@@ -175,11 +178,16 @@ class TrainEpochStats(torchmetrics.Metric):
         self.targets += sum(m for _, _, m in pending)
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._values()
+
+    def _values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_sum / self.samples.clamp_min(1), self.correct.float() / self.targets.clamp_min(1)
 
     def epoch_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.fold()
-        return self.compute()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return self.compute()  # torchmetrics' wrapper: the states summed over the ranks first
+        return self._values()  # one process: without the wrapper's sync and cache bookkeeping
 
     def reset(self) -> None:
         super().reset()
