@@ -11,6 +11,8 @@ Metric names: `train/loss` (per step and per epoch), `train/acc`, `val/loss`, `v
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import lightning as L
@@ -300,3 +302,25 @@ class ClassifierModule(LitlabModule):
         fig = confusion_matrix_figure(matrix, names, title=f"test confusion matrix ({type(self).__name__})")
         self.log_figure(fig, "plots/confusion_matrix.png")
         plt.close(fig)
+
+
+def log_text(module: LitlabModule, text: str, artifact_file: str) -> None:
+    """Store `text` as the file `artifact_file` (e.g. "samples/generated.txt") with every logger
+    that stores files; rank 0 only. A logger with MLflow's log_text(text, artifact_file) gets that;
+    one with only log_artifact(local_path, artifact_path) (litlab's MlflowTracker) gets a temp file."""
+    if module._trainer is not None and not module.trainer.is_global_zero:
+        return
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in module.loggers:
+        if isinstance(lg, WandbLogger):  # its log_text logs a table: (key, columns, data)
+            lg.log_text(key=artifact_file, columns=["text"], data=[[text]])
+        elif hasattr(lg, "log_text"):
+            lg.log_text(text, artifact_file)
+        elif hasattr(lg, "log_artifact"):
+            folder, name = os.path.split(artifact_file)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, name)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+                lg.log_artifact(path, folder or None)

@@ -17,9 +17,6 @@ with the configured sampler, all with the EMA weights.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 from torch import Tensor, nn
 
@@ -34,21 +31,6 @@ def to_model_space(x01: Tensor) -> Tensor:
 
 def to_pixels(x: Tensor) -> Tensor:
     return ((x + 1) / 2).clamp(0, 1)
-
-
-def log_text(module: LitlabModule, text: str, artifact_file: str) -> None:
-    """Store `text` as the artifact `artifact_file` (e.g. "quality/steps.md") with every logger that
-    stores files (log_artifact: MLflow); rank 0 only."""
-    if module._trainer is not None and not module.trainer.is_global_zero:
-        return
-    folder, name = os.path.split(artifact_file)
-    for lg in module.loggers:
-        if hasattr(lg, "log_artifact"):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, name)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text)
-                lg.log_artifact(path, folder or None)
 
 
 class DiffusionBase(LitlabModule):

@@ -102,7 +102,7 @@ def plot_guidance(rows: list[dict], title: str):
 def log_quality_tables(module, quick: bool = False) -> dict[str, list[dict]]:
     """Compute the tables for `module` (a trained DDPM) and store them with the run; `quick` (a
     fast_dev_run) shrinks them to a couple of cheap settings."""
-    from litlab.chapters.diffusion.base import log_text
+    from litlab.module import log_text
 
     h = module.hparams
     n = 20 if quick else module.num_eval_samples

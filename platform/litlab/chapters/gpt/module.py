@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from litlab.chapters.gpt.nets import GPT
-from litlab.chapters.rnn.module import log_text
+from litlab.module import log_text
 from litlab.data.text import ByteVocab, CharVocab
 from litlab.errors import ConfigError
 from litlab.module import LitlabModule

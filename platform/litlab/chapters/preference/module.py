@@ -28,7 +28,7 @@ from litlab.chapters.preference.nets import (
     sample_completions,
     score_completions,
 )
-from litlab.chapters.rnn.module import log_text
+from litlab.module import log_text
 from litlab.data.preferences import N_SPECIAL, Property
 from litlab.errors import ConfigError
 from litlab.module import LitlabModule

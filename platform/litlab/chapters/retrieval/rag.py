@@ -234,7 +234,7 @@ class RetrievalAugmentedGenerator(LitlabModule):
         vocab = getattr(getattr(self._trainer, "datamodule", None), "corpus", None)
         if vocab is None or not any(hasattr(lg, "log_artifact") or hasattr(lg, "log_text") for lg in self.loggers):
             return
-        from litlab.chapters.rnn.module import log_text
+        from litlab.module import log_text
 
         v = vocab.vocab
         lines = []

@@ -20,10 +20,10 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 
-from litlab.chapters.rnn.module import CHAPTER, Cell, Embedding, GradNormLogging, Hidden, Layers, VocabSize, log_text
+from litlab.chapters.rnn.module import CHAPTER, Cell, Embedding, GradNormLogging, Hidden, Layers, VocabSize
 from litlab.chapters.rnn.nets import CharLM
 from litlab.data.text import CharVocab
-from litlab.module import LitlabModule
+from litlab.module import LitlabModule, log_text
 from litlab.registry import register_model
 from litlab.schema import Range
 

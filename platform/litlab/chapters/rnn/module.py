@@ -10,14 +10,12 @@ exploding gradients that clipping tames show up there).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Annotated, Literal
 
 import torch
 
 from litlab.chapters.rnn.nets import SequenceClassifier, grad_norm_by_time
-from litlab.module import ClassifierModule, LitlabModule
+from litlab.module import ClassifierModule
 from litlab.registry import register_model
 from litlab.schema import Range
 
@@ -28,28 +26,6 @@ Hidden = Annotated[int, Range(ge=1, le=65_536)]
 Layers = Annotated[int, Range(ge=1, le=64)]
 Embedding = Annotated[int, Range(ge=1, le=65_536)] | None  # None: one-hot inputs
 VocabSize = Annotated[int, Range(ge=2, le=10_000_000)]
-
-
-def log_text(module: LitlabModule, text: str, artifact_file: str) -> None:
-    """Store `text` as the file `artifact_file` (e.g. "samples/generated.txt") with every logger
-    that stores files; rank 0 only. A logger with MLflow's log_text(text, artifact_file) gets that;
-    one with only log_artifact(local_path, artifact_path) (litlab's MlflowTracker) gets a temp file."""
-    if module._trainer is not None and not module.trainer.is_global_zero:
-        return
-    from lightning.pytorch.loggers import WandbLogger
-
-    for lg in module.loggers:
-        if isinstance(lg, WandbLogger):  # its log_text logs a table: (key, columns, data)
-            lg.log_text(key=artifact_file, columns=["text"], data=[[text]])
-        elif hasattr(lg, "log_text"):
-            lg.log_text(text, artifact_file)
-        elif hasattr(lg, "log_artifact"):
-            folder, name = os.path.split(artifact_file)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, name)
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(text)
-                lg.log_artifact(path, folder or None)
 
 
 class GradNormLogging:

@@ -42,6 +42,48 @@ def exact_and_token_hits(pred: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]
     return same.all(1), same[t != PAD]
 
 
+class TranslationSteps(LitlabModule):
+    """The steps every encoder-decoder of the course shares. A subclass gives `_loss(batch)`
+    (teacher-forced cross-entropy over (src, src_len, tgt_in, tgt_out) batches) and
+    `greedy(src, src_len) -> (tokens (B, L), ...)`; this logs train/loss, {val,test}/loss,
+    exact_match (the whole target right) and token_acc (per non-PAD target token)."""
+
+    def _make_metrics(self) -> None:
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_{name}": torchmetrics.MeanMetric()
+            for stage in ("val", "test") for name in ("exact_match", "token_acc")
+        })
+
+    def smoke_forward(self, batch) -> Tensor:
+        src, src_len, tgt_in, _ = batch
+        return self(src, src_len, tgt_in)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        src, src_len, _, tgt_out = batch
+        self.log(f"{stage}/loss", self._loss(batch), on_epoch=True, prog_bar=stage == "val", sync_dist=True,
+                 batch_size=src.shape[0])
+        pred = self.greedy(src, src_len)[0]
+        exact, token_hits = exact_and_token_hits(pred, tgt_out)
+        for name, hits in (("exact_match", exact), ("token_acc", token_hits)):
+            m = self.metrics[f"{stage}_{name}"]
+            m.update(hits.float())
+            self.log(f"{stage}/{name}", m, on_epoch=True, prog_bar=stage == "val" and name == "exact_match")
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.greedy(batch[0], batch[1])[0]
+
+
 @register_model(
     "seq2seq",
     chapter=CHAPTER,
@@ -49,7 +91,7 @@ def exact_and_token_hits(pred: Tensor, tgt_out: Tensor) -> tuple[Tensor, Tensor]
     smoke={"model": {"hidden_size": 16, "embed_dim": 8, "attention": "bahdanau"},
            "data": {"name": "seq2seq_task", "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 8}},
 )
-class Seq2SeqModule(LitlabModule):
+class Seq2SeqModule(TranslationSteps):
     """attention="none" is the fixed-size bottleneck: the decoder sees the source only through its
     initial state (the encoder's final state). bahdanau / luong: see chapters/seq2seq/nets.py.
     vocab_size and max_target_len (the greedy decoder's step limit) come from the data's info().
@@ -74,17 +116,10 @@ class Seq2SeqModule(LitlabModule):
         self.max_target_len = max_target_len
         self.net = Seq2Seq(vocab_size, embed_dim, hidden_size, num_layers, cell, bidirectional, attention,
                            attention_dim, dropout)
-        self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric()
-            for stage in ("val", "test") for name in ("exact_match", "token_acc")
-        })
+        self._make_metrics()
 
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor) -> Tensor:
         return self.net(src, src_len, tgt_in)[0]  # teacher-forced logits (B, T, V)
-
-    def smoke_forward(self, batch) -> Tensor:
-        src, src_len, tgt_in, _ = batch
-        return self(src, src_len, tgt_in)
 
     def greedy(self, src: Tensor, src_len: Tensor, max_len: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Greedy tokens (B, L) (PAD after EOS) and attention weights (B, L, S) or None."""
@@ -94,32 +129,6 @@ class Seq2SeqModule(LitlabModule):
         src, src_len, tgt_in, tgt_out = batch
         logits = self(src, src_len, tgt_in)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD)
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def _eval_step(self, batch, stage: str) -> None:
-        src, src_len, _, tgt_out = batch
-        B = src.shape[0]
-        self.log(f"{stage}/loss", self._loss(batch), on_epoch=True, prog_bar=stage == "val", sync_dist=True,
-                 batch_size=B)
-        pred, _ = self.greedy(src, src_len)
-        exact, token_hits = exact_and_token_hits(pred, tgt_out)
-        for name, hits in (("exact_match", exact), ("token_acc", token_hits)):
-            m = self.metrics[f"{stage}_{name}"]
-            m.update(hits.float())
-            self.log(f"{stage}/{name}", m, on_epoch=True, prog_bar=stage == "val" and name == "exact_match")
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch, batch_idx):
-        return self.greedy(batch[0], batch[1])[0]
 
     # ------------------------------------------------------------ attention maps
     def on_fit_end(self):

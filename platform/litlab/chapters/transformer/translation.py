@@ -19,14 +19,12 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor
 
-from litlab.chapters.seq2seq.module import exact_and_token_hits
+from litlab.chapters.seq2seq.module import TranslationSteps
 from litlab.chapters.transformer.encoder_decoder import TransformerEncoderDecoder
 from litlab.data.seq2seq_tasks import EOS, PAD
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
 
@@ -61,7 +59,7 @@ def check_backend_options(backend: str, options: dict | None, key: str = "model.
     smoke={"model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32},
            "data": {"name": "seq2seq_task", "n_train": 32, "n_val": 16, "n_test": 16, "batch_size": 8}},
 )
-class TransformerSeq2SeqModule(LitlabModule):
+class TransformerSeq2SeqModule(TranslationSteps):
     """n_layers encoder blocks and n_layers decoder blocks of width d_model. norm_first=False is
     the original/course post-LN block, True pre-LN (more stable at depth; adds a final LayerNorm).
     vocab_size and max_target_len come from the data's info(); max_len sizes the position tables."""
@@ -94,17 +92,10 @@ class TransformerSeq2SeqModule(LitlabModule):
         self.max_target_len = max_target_len
         self.net = TransformerEncoderDecoder(vocab_size, d_model, n_heads, n_layers, d_ff, dropout, norm_first,
                                              positional, backend, options, max_len, activation)
-        self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric()
-            for stage in ("val", "test") for name in ("exact_match", "token_acc")
-        })
+        self._make_metrics()
 
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor) -> Tensor:
         return self.net(src, src_len, tgt_in)  # teacher-forced logits (B, T, V)
-
-    def smoke_forward(self, batch) -> Tensor:
-        src, src_len, tgt_in, _ = batch
-        return self(src, src_len, tgt_in)
 
     def greedy(self, src: Tensor, src_len: Tensor, max_len: int | None = None, **kwargs):
         """Greedy tokens (B, L) (PAD after EOS) and, with keep_weights=True, per-layer cross-attention."""
@@ -115,31 +106,6 @@ class TransformerSeq2SeqModule(LitlabModule):
         logits = self(src, src_len, tgt_in)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
                                label_smoothing=self.hparams.label_smoothing)
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch[0].shape[0])
-        return loss
-
-    def _eval_step(self, batch, stage: str) -> None:
-        src, src_len, _, tgt_out = batch
-        self.log(f"{stage}/loss", self._loss(batch), on_epoch=True, prog_bar=stage == "val", sync_dist=True,
-                 batch_size=src.shape[0])
-        pred, _ = self.greedy(src, src_len)
-        exact, token_hits = exact_and_token_hits(pred, tgt_out)
-        for name, hits in (("exact_match", exact), ("token_acc", token_hits)):
-            m = self.metrics[f"{stage}_{name}"]
-            m.update(hits.float())
-            self.log(f"{stage}/{name}", m, on_epoch=True, prog_bar=stage == "val" and name == "exact_match")
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch, batch_idx):
-        return self.greedy(batch[0], batch[1])[0]
 
     # ------------------------------------------------------------ attention maps
     def on_fit_end(self):
