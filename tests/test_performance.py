@@ -31,15 +31,22 @@ SMALL = ["model.hidden=[16]", "data.batch_size=50", "trainer.max_epochs=2", "tra
 
 
 class Seen(L.Callback):
-    """Keeps the trainer's epoch loop, and the clipped gradients' norm after every step."""
+    """Keeps the trainer's epoch loop, the clipped gradients' norm after every step and the logger
+    connector's metric dicts before every step."""
 
     def __init__(self):
         self.loop = None
         self.plans = []
         self.grad_norms = []
+        self.step_dicts = []  # the logger connector's own dicts as each batch starts (the last batch's end left them)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.loop = trainer.fit_loop.epoch_loop
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        c = trainer._logger_connector  # not its properties: they would recompute what the batch end left
+        self.step_dicts.append([{k: float(v) for k, v in d.items()}
+                                for d in (c._logged_metrics, c._progress_bar_metrics, c._callback_metrics)])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.plans.append(getattr(self.loop, "_plan", None) is not None)
@@ -77,8 +84,10 @@ def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra)
         assert isinstance(seen.loop, LeanTrainingEpochLoop) == fast
         assert all(seen.plans) == fast  # the lean path ran every step (or never)
         ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
-        out[fast] = ckpt, _history(tracking_uri, result.run_id), result.metrics
-    (fast_ckpt, fast_hist, fast_test), (slow_ckpt, slow_hist, slow_test) = out[True], out[False]
+        out[fast] = ckpt, _history(tracking_uri, result.run_id), result.metrics, seen.step_dicts
+    (fast_ckpt, fast_hist, fast_test, fast_dicts), (slow_ckpt, slow_hist, slow_test, slow_dicts) = out[True], out[False]
+    assert fast_dicts == slow_dicts  # logged, progress-bar and callback metrics after every step
+    assert any("train/loss" in callback for _, _, callback in fast_dicts)
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "global_step", "epoch"):
         assert _equal(fast_ckpt[key], slow_ckpt[key]), key
     assert fast_hist == slow_hist and fast_test == slow_test
