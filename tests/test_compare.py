@@ -298,3 +298,6 @@ def test_real_runs_compare_confusion_matrix_and_load(tracking_uri, tmp_path, cap
     assert main(["compare", a.run_id, b.run_id, "--tracking-uri", tracking_uri]) == 0
     out = capsys.readouterr().out
     assert "optim.lr" in _row(out, "optim.lr") and "test/acc" in out and "*" in _row(out, "test/acc")
+    for r in (a, b):  # the monitored metric's best value (the best checkpoint's) is a metric of its own
+        assert c.get_run(r.run_id).data.metrics["best/val/acc"] == pytest.approx(r.best_score)
+    assert "*" in _row(out, "best/val/acc (max)")  # compared in the monitor's direction

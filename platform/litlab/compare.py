@@ -87,15 +87,17 @@ def differing_params(runs) -> dict[str, list[str]]:
 
 def metric_direction(runs, metric: str) -> str:
     """'max' or 'min': a run's litlab.mode when the metric is what it monitored, else by name."""
+    monitored = metric.removeprefix("best/")  # best/<monitor>: the monitored metric's best value
     for r in runs:
-        if r.data.tags.get("litlab.monitor") == metric and r.data.tags.get("litlab.mode") in ("min", "max"):
+        if r.data.tags.get("litlab.monitor") == monitored and r.data.tags.get("litlab.mode") in ("min", "max"):
             return r.data.tags["litlab.mode"]
     name = metric.rpartition("/")[2]
     return "max" if name.startswith("acc") or not LOWER_IS_BETTER.search(name) else "min"
 
 
 def key_metric_names(runs, extra: list[str] | None = None) -> list[str]:
-    monitors = [r.data.tags.get("litlab.monitor") for r in runs]
+    monitors = [m for r in runs for m in (f"best/{r.data.tags.get('litlab.monitor')}", r.data.tags.get("litlab.monitor"))
+                if r.data.tags.get("litlab.monitor")]
     tests = sorted({k for r in runs for k in r.data.metrics if k.startswith("test/")})
     names = [m for m in dict.fromkeys([*monitors, *tests, *(extra or [])]) if m]
     have = {k for r in runs for k in r.data.metrics}

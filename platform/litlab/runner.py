@@ -175,6 +175,7 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         best_score = float(best_cb.best_model_score) if best_cb.best_model_score is not None else None
         last_path = str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None
         if rank == 0 and use_mlflow:
+            log_best_score(tracker, best_cb.monitor, best_score, trainer.global_step)
             sysmon, reached = None, finish_run(uri, run_id, cfg, tracker, sysmon, best_path, last_path)
         return RunResult(run_id, "FINISHED", metrics, best_score, best_path, last_path, uri,
                          _experiment_id(uri, run_id) if use_mlflow and rank == 0 and reached else None, cfg)
@@ -283,6 +284,13 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
                                  mode=es.mode or cfg.callbacks.checkpoint.mode, patience=es.patience,
                                  min_delta=es.min_delta))
     return out
+
+
+def log_best_score(tracker, monitor: str | None, score: float | None, step: int) -> None:
+    """`best/<monitor>`: the best value of the monitored metric (the best checkpoint's), so that
+    runs compare, sort and plot by it (litlab compare, litlab runs, the MLflow UI)."""
+    if monitor and score is not None and score == score and abs(score) != float("inf"):
+        tracker.log_metrics({f"best/{monitor}": score}, step=step)
 
 
 def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, quiet: bool = False):

@@ -51,9 +51,11 @@ def _fmt_duration(ms: int | None) -> str:
 
 
 def key_metrics(run, also: list[str] | tuple = ()) -> dict[str, float]:
-    """The monitored metric and the test metrics, the numbers users compare first (+ `also`)."""
+    """The monitored metric (its best value, then its last) and the test metrics, the numbers users
+    compare first (+ `also`)."""
     m = run.data.metrics
-    keys = [run.data.tags.get("litlab.monitor", "")] + sorted(k for k in m if k.startswith("test/")) + list(also)
+    monitor = run.data.tags.get("litlab.monitor", "")
+    keys = [f"best/{monitor}", monitor] + sorted(k for k in m if k.startswith("test/")) + list(also)
     return {k: m[k] for k in dict.fromkeys(keys) if k in m}
 
 
