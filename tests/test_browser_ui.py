@@ -82,6 +82,7 @@ def test_runs_metrics_and_sweep_trials_show_in_the_mlflow_ui(chromium, server, t
                          tracking_uri=server.uri, storage=f"sqlite:///{tmp_path}/optuna.db")
     err = capfd.readouterr().err
     assert re.search(r"\[1/2\] trial +\d+ COMPLETE val/acc=[\d.]+ .*best [\d.]+", err), err[-2000:]
+    assert re.search(r"\[1/2\] .*best [\d.]+ .*ETA ", err), err[-2000:]  # one trial left: an estimate
     assert re.search(r"\[2/2\] trial +\d+ COMPLETE", err), err[-2000:]
 
     c = MlflowClient(tracking_uri=server.uri)

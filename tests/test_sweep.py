@@ -189,3 +189,12 @@ def test_gpu_slots_pack_trials_onto_gpus():
 
     with pytest.raises(UserError, match="4 GPUs, but 3 are visible"):
         driver.gpu_slots(2, 2, [0, 1, 2])
+
+
+def test_sweep_eta_is_the_mean_trial_time_over_the_remaining_waves():
+    from litlab.sweep.driver import sweep_eta
+
+    assert sweep_eta([], 5, 1) is None  # nothing finished yet: no estimate
+    assert sweep_eta([10.0, 20.0], 4, 1) == 60.0  # 4 more trials of 15 s, one at a time
+    assert sweep_eta([10.0, 20.0], 4, 2) == 30.0  # two at a time: 2 waves
+    assert sweep_eta([10.0], 3, 2) == 20.0  # 3 trials on 2 workers: 2 waves

@@ -11,6 +11,7 @@ command resumes the study: it continues to n_trials in total, retrying trials wh
 from __future__ import annotations
 
 import hashlib
+import math
 import multiprocessing
 import os
 import socket
@@ -24,6 +25,7 @@ import optuna
 from litlab import runner, tracking
 from litlab.config import flatten
 from litlab.errors import UserError
+from litlab.progress import fmt_seconds
 from litlab.sweep import storage as st
 from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, load_spec
 from litlab.sweep.trial import TrialJob, run_trial
@@ -180,7 +182,7 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
                 if proc.sentinel in ready or not proc.is_alive():
                     proc.join()
                     del running[slot]
-                    _after_trial(study, number, parent, uri, spec, say)
+                    _after_trial(study, number, parent, uri, spec, say, workers)
     except KeyboardInterrupt:
         say("litlab sweep: interrupted; stopping the running trials (rerun the same command to continue)")
         for proc, _ in running.values():
@@ -207,7 +209,16 @@ def _any_complete(study: optuna.Study) -> bool:
     return any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
-def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: SweepSpec, say) -> None:
+def sweep_eta(durations: list[float], remaining: int, workers: int) -> float | None:
+    """Seconds left: the remaining trials at the mean duration of the finished ones, `workers` at
+    a time (None before any trial has finished)."""
+    if not durations:
+        return None
+    return sum(durations) / len(durations) * math.ceil(remaining / max(workers, 1))
+
+
+def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: SweepSpec, say,
+                 workers: int = 1) -> None:
     """Log progress to the parent run and one line to the terminal."""
     from mlflow.entities import Metric
 
@@ -230,7 +241,11 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
         value = "" if t.values is None else " ".join(f"{m}={v:.4g}" for m, v in zip(spec.metrics, t.values))
         secs = f"{t.duration.total_seconds():.1f}s" if t.duration else ""
         finished = st.budget(study, spec.n_trials).done  # progress: trials done / total (issue 10)
-        say(f"[{finished}/{spec.n_trials}] trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}")
+        durations = [x.duration.total_seconds() for x in trials if x.duration is not None and x.state in (
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        eta = sweep_eta(durations, spec.n_trials - finished, workers) if finished < spec.n_trials else None
+        eta_text = f"  ETA {fmt_seconds(eta)}" if eta is not None else ""
+        say(f"[{finished}/{spec.n_trials}] trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}{eta_text}")
 
 
 def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:
