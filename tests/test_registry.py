@@ -65,3 +65,28 @@ def test_one_training_step_in_a_trainer(name, tmp_path):
     after = model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in before), f"{name}: one step changed nothing"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_lean_step_trains_what_lightnings_loop_trains(name, tmp_path):
+    """litlab's lean training step (trainer.fast_loop, the default) on every registered model: three
+    steps leave the same weights and buffers, bit for bit, as the same three steps of Lightning's
+    own loop. Under manual optimisation (GANs, RL) the lean step stands aside."""
+    from litlab import fast_loop
+
+    states = []
+    for lean in (True, False):
+        entry, dm, model = _build(name)
+        trainer = L.Trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, default_root_dir=tmp_path / str(lean))
+        if lean:
+            assert fast_loop.install(trainer)
+        trainer.fit(model, datamodule=dm)
+        if lean:  # the lean path ran (automatic optimisation) or stood aside (manual)
+            assert (trainer.fit_loop.epoch_loop._plan is not None) == model.automatic_optimization, name
+        states.append(model.state_dict())
+    lean_state, lightning_state = states
+    assert lean_state.keys() == lightning_state.keys()
+    different = [k for k in lean_state if not torch.equal(lean_state[k], lightning_state[k])]
+    assert not different, f"{name}: {different[:5]}"
