@@ -25,10 +25,9 @@ import torch.nn.functional as F
 import torchmetrics
 
 from litlab.chapters.gpt.nets import GPT
-from litlab.module import log_text
 from litlab.data.text import ByteVocab, CharVocab
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule
+from litlab.module import LitlabModule, log_text
 from litlab.registry import register_model
 from litlab.schema import Range
 

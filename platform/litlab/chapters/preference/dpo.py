@@ -57,8 +57,8 @@ from litlab.chapters.preference.module import (
     log_histogram,
 )
 from litlab.chapters.preference.reference import load_reference_state, train_sft
-from litlab.module import log_text
 from litlab.data.preferences import Property
+from litlab.module import log_text
 from litlab.registry import register_model
 from litlab.schema import Range
 

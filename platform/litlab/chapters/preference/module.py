@@ -28,10 +28,9 @@ from litlab.chapters.preference.nets import (
     sample_completions,
     score_completions,
 )
-from litlab.module import log_text
 from litlab.data.preferences import N_SPECIAL, Property
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule
+from litlab.module import LitlabModule, log_text
 from litlab.registry import register_model
 from litlab.schema import Range
 
