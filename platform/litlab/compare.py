@@ -96,8 +96,8 @@ def metric_direction(runs, metric: str) -> str:
 
 
 def key_metric_names(runs, extra: list[str] | None = None) -> list[str]:
-    monitors = [m for r in runs for m in (f"best/{r.data.tags.get('litlab.monitor')}", r.data.tags.get("litlab.monitor"))
-                if r.data.tags.get("litlab.monitor")]
+    monitored = [r.data.tags["litlab.monitor"] for r in runs if r.data.tags.get("litlab.monitor")]
+    monitors = [name for m in monitored for name in (f"best/{m}", m)]  # its best value, then its last
     tests = sorted({k for r in runs for k in r.data.metrics if k.startswith("test/")})
     names = [m for m in dict.fromkeys([*monitors, *tests, *(extra or [])]) if m]
     have = {k for r in runs for k in r.data.metrics}

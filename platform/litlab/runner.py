@@ -13,6 +13,7 @@ LITLAB_RUN_ID environment variable, so every rank writes to the same checkpoint 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -289,7 +290,7 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
 def log_best_score(tracker, monitor: str | None, score: float | None, step: int) -> None:
     """`best/<monitor>`: the best value of the monitored metric (the best checkpoint's), so that
     runs compare, sort and plot by it (litlab compare, litlab runs, the MLflow UI)."""
-    if monitor and score is not None and score == score and abs(score) != float("inf"):
+    if monitor and score is not None and math.isfinite(score):
         tracker.log_metrics({f"best/{monitor}": score}, step=step)
 
 

@@ -145,23 +145,37 @@ def epoch_order(sampler) -> Tensor:
     return torch.as_tensor(list(sampler), dtype=torch.long)  # EpochShuffleSampler, DDP's DistributedSampler
 
 
+class _EpochPlan:
+    """What one pass of a ResumableBatchSampler covers: the epoch's order (n,), the batch size, the
+    batches from `skip` to `batches`, and each batch's augmentation seed. Taking the plan consumes
+    the sampler's one-shot skip, as iterating it does."""
+
+    def __init__(self, batch_sampler: ResumableBatchSampler):
+        self.skip, batch_sampler.skip = batch_sampler.skip, 0
+        sampler, self.size = batch_sampler.sampler, batch_sampler.batch_size
+        self._key = (run_seed(), getattr(sampler, "epoch", 0), getattr(sampler, "rank", 0))
+        self.order = epoch_order(sampler)
+        n = len(self.order)
+        self.batches = n // self.size if batch_sampler.drop_last else -(-n // self.size)
+
+    def seed(self, i: int) -> int:
+        """Batch i's seed: a function of (run seed, epoch, rank, i)."""
+        return mix(*self._key, i)
+
+
 def index_batches(batch_sampler: ResumableBatchSampler, device: torch.device, seeds: bool = True):
     """What `ResumableBatchSampler.__iter__` yields (same batches, same skip, same seeds), as views
     of one tensor of the epoch's order copied to `device` once: no list or host-to-device copy
     per batch. Each index tensor carries its batch's seed as `.seed` (unless `seeds` is False:
     for a dataset without a random transform)."""
-    skip, batch_sampler.skip = batch_sampler.skip, 0
-    sampler, size = batch_sampler.sampler, batch_sampler.batch_size
-    epoch, rank, seed = getattr(sampler, "epoch", 0), getattr(sampler, "rank", 0), run_seed()
-    order = epoch_order(sampler)
+    plan = _EpochPlan(batch_sampler)
+    order, size = plan.order, plan.size
     if device.type != "cpu":
         order = order.to(device)  # one copy per epoch
-    n = len(order)
-    batches = n // size if batch_sampler.drop_last else -(-n // size)
-    for i in range(skip, batches):
+    for i in range(plan.skip, plan.batches):
         idx = order[i * size:(i + 1) * size]
         if seeds:
-            idx.seed = mix(seed, epoch, rank, i)
+            idx.seed = plan.seed(i)
         yield idx
 
 
@@ -170,19 +184,15 @@ def gathered_batches(dataset: TensorBatchDataset, batch_sampler: ResumableBatchS
     of the epoch's rows: each batch is then a slice (a view), not two gathers. On a CPU a tiny
     gather costs as much as a small model's layer (~10 us each), so this halves the loader's share
     of a digits step; the epoch's copy costs what its per-batch gathers would have cost in sum."""
-    skip, batch_sampler.skip = batch_sampler.skip, 0
-    sampler, size = batch_sampler.sampler, batch_sampler.batch_size
-    epoch, rank, seed = getattr(sampler, "epoch", 0), getattr(sampler, "rank", 0), run_seed()
-    order = epoch_order(sampler)
-    n = len(order)
-    batches = n // size if batch_sampler.drop_last else -(-n // size)
-    if skip >= batches:
+    plan = _EpochPlan(batch_sampler)
+    skip, size = plan.skip, plan.size
+    if skip >= plan.batches:
         return
-    rows = order[skip * size:batches * size].to(dataset.x.device)
+    rows = plan.order[skip * size:plan.batches * size].to(dataset.x.device)
     xs, ys = dataset.x[rows], dataset.y[rows]  # (rows, ...): the rest of the epoch, in order
-    for i in range(skip, batches):
+    for i in range(skip, plan.batches):
         lo, hi = (i - skip) * size, (i - skip + 1) * size
-        yield dataset.batch(xs[lo:hi], ys[lo:hi], mix(seed, epoch, rank, i) if seeds else None)
+        yield dataset.batch(xs[lo:hi], ys[lo:hi], plan.seed(i) if seeds else None)
 
 
 class FastResumableLoader(ResumableLoader):
