@@ -32,9 +32,11 @@ SMALL = ["model.hidden=[16]", "data.batch_size=50", "trainer.max_epochs=2", "tra
 
 class Seen(L.Callback):
     """Keeps the trainer's epoch loop, the clipped gradients' norm after every step and the logger
-    connector's metric dicts before every step."""
+    connector's metric dicts before every step; with `log_step`, also logs a value on_step and
+    on_epoch through self.log at every batch end (as a user's callback or module would)."""
 
-    def __init__(self):
+    def __init__(self, log_step: bool = False):
+        self.log_step = log_step
         self.loop = None
         self.plans = []
         self.grad_norms = []
@@ -50,6 +52,8 @@ class Seen(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.plans.append(getattr(self.loop, "_plan", None) is not None)
+        if self.log_step:
+            pl_module.log("seen/loss", outputs["loss"], on_step=True, on_epoch=True, prog_bar=True)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
@@ -69,16 +73,16 @@ def _history(uri: str, run_id: str) -> dict:
     return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in c.get_run(run_id).data.metrics}
 
 
-@pytest.mark.parametrize("extra", [
-    ["model.dropout=0.2", "data.augment=true", "trainer.gradient_clip_val=0.5", "trainer.log_every_n_steps=3",
-     "callbacks.checkpoint.every_n_train_steps=7"],
-    ["trainer.skip_nonfinite=true", "trainer.precision=bf16-mixed", "trainer.val_check_interval=0.5",
-     "optim.name=sgd", "optim.momentum=0.9", "trainer.log_every_n_steps=1"],
-], ids=["dropout-augment-clip", "skip-bf16-sgd"])
-def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra):
+@pytest.mark.parametrize("extra, log_step", [
+    (["model.dropout=0.2", "data.augment=true", "trainer.gradient_clip_val=0.5", "trainer.log_every_n_steps=3",
+      "callbacks.checkpoint.every_n_train_steps=7"], False),
+    (["trainer.skip_nonfinite=true", "trainer.precision=bf16-mixed", "trainer.val_check_interval=0.5",
+      "optim.name=sgd", "optim.momentum=0.9", "trainer.log_every_n_steps=1"], True),
+], ids=["dropout-augment-clip", "skip-bf16-sgd-steplog"])
+def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra, log_step):
     out = {}
     for fast in (True, False):
-        seen = Seen()
+        seen = Seen(log_step)
         result = runner.run(MLP_DIGITS, [*SMALL, *extra, f"trainer.fast_loop={str(fast).lower()}"],
                             tracking_uri=tracking_uri, callbacks=[seen], quiet=True)
         assert isinstance(seen.loop, LeanTrainingEpochLoop) == fast
@@ -92,6 +96,9 @@ def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra)
         assert _equal(fast_ckpt[key], slow_ckpt[key]), key
     assert fast_hist == slow_hist and fast_test == slow_test
     assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "epoch"} <= set(fast_hist)
+    if log_step:  # values logged on_step reach the loggers and the progress bar at every step
+        assert {"seen/loss_step", "seen/loss_epoch"} <= set(fast_hist)
+        assert all("seen/loss_step" in pbar for _, pbar, _ in fast_dicts[1:])
 
 
 def test_fast_loop_stands_aside_where_it_would_compute_differently(tracking_uri):
@@ -267,3 +274,30 @@ def test_every_benchmark_config_validates():
         for bench in tp.benches(smoke=smoke, epochs=None).values():
             source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
             runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])
+
+
+@pytest.mark.parametrize("fold_every, fold_elements", [(256, 1 << 22), (3, 1 << 22), (256, 100)])
+def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, fold_elements):
+    """TrainEpochStats (comparisons deferred and counted in groups) against torchmetrics' accuracy and
+    a batch-size-weighted mean, with a short last batch and (B, K, T) logits of two lengths."""
+    import torchmetrics
+
+    from litlab.module import TrainEpochStats
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(b, 5, *t, generator=g), torch.randint(0, 5, (b, *t), generator=g), torch.rand((), generator=g))
+               for b, t in [(8, ()), (8, ()), (8, ()), (8, ()), (3, ())]]
+    seq = [(torch.randn(4, 5, t, generator=g), torch.randint(0, 5, (4, t), generator=g), torch.rand((), generator=g))
+           for t in (6, 6, 2)]
+    for group in (batches, seq):
+        stats = TrainEpochStats(fold_every=fold_every, fold_elements=fold_elements)
+        reference = torchmetrics.classification.MulticlassAccuracy(num_classes=5, average="micro", multidim_average="global")
+        for logits, target, loss in group:
+            stats.add(loss, logits, target)
+            reference.update(logits, target)
+        mean_loss, acc = stats.epoch_values()
+        expected_loss = sum(float(loss) * len(t) for _, t, loss in group) / sum(len(t) for _, t, _ in group)
+        assert float(acc) == pytest.approx(float(reference.compute()), abs=1e-7)
+        assert float(mean_loss) == pytest.approx(expected_loss, rel=1e-6)
+        stats.reset()
+        assert not stats._pending and int(stats.correct) == 0 and int(stats.samples) == 0

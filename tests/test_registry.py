@@ -84,7 +84,7 @@ def test_lean_step_trains_what_lightnings_loop_trains(name, tmp_path):
             assert fast_loop.install(trainer)
         trainer.fit(model, datamodule=dm)
         if lean:  # the lean path ran (automatic optimisation) or stood aside (manual)
-            assert (trainer.fit_loop.epoch_loop._plan is not None) == model.automatic_optimization, name
+            assert trainer.fit_loop.epoch_loop.lean_epoch == model.automatic_optimization, name
         states.append(model.state_dict())
     lean_state, lightning_state = states
     assert lean_state.keys() == lightning_state.keys()

@@ -33,9 +33,10 @@ from typing import Any
 import lightning
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -109,11 +110,17 @@ def _on_device(batch: Any, device: torch.device | None) -> bool:
 
 
 def _idle_per_step(callback: Callback, hook: str) -> bool:
-    """A ModelCheckpoint saving neither every n training steps nor every time interval returns at
-    once from on_train_batch_end (automatic optimisation): leave it out of the step."""
-    return (hook == "on_train_batch_end" and isinstance(callback, ModelCheckpoint)
-            and type(callback).on_train_batch_end is ModelCheckpoint.on_train_batch_end
-            and callback._every_n_train_steps < 1 and callback._train_time_interval is None)
+    """Hooks that do nothing in a training step, left out of it: the on_train_batch_end of a
+    ModelCheckpoint saving neither every n training steps nor every time interval (automatic
+    optimisation), the on_train_batch_start of a LearningRateMonitor logging once an epoch (it
+    only works out whether this is a logging step, then logs nothing)."""
+    if hook == "on_train_batch_end" and isinstance(callback, ModelCheckpoint):
+        return (type(callback).on_train_batch_end is ModelCheckpoint.on_train_batch_end
+                and callback._every_n_train_steps < 1 and callback._train_time_interval is None)
+    if hook == "on_train_batch_start" and isinstance(callback, LearningRateMonitor):
+        return (type(callback).on_train_batch_start is LearningRateMonitor.on_train_batch_start
+                and callback.logging_interval == "epoch")
+    return False
 
 
 def _overrides(obj: Any, base: type, name: str) -> bool:
@@ -148,6 +155,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     def on_run_start(self, data_fetcher) -> None:
         super().on_run_start(data_fetcher)
         self._plan = self._lean_plan(data_fetcher)
+        self.lean_epoch = self._plan is not None  # this epoch's batches take the lean path (kept after it)
 
     # ---------------------------------------------------------------- when the lean path applies
     def _lean_plan(self, data_fetcher) -> dict | None:
@@ -178,6 +186,11 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             and not any(_overrides(module, LightningModule, h) for h in transfer_hooks)
             and (datamodule is None or not any(_overrides(datamodule, LightningDataModule, h) for h in transfer_hooks)))
         return {
+            "lm": module,  # trainer.lightning_module: a property chain, otherwise looked up ~10 times a step
+            "epoch": trainer.current_epoch,
+            "val_subloops": any(isinstance(v, _Loop) for v in vars(self.val_loop).values()),
+            "val_epoch": super()._should_check_val_epoch(),
+            "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
             "device": trainer.strategy.root_device if plain_transfer else None,
             "callbacks": {h: [getattr(cb, h) for cb in trainer.callbacks
                               if _overrides(cb, Callback, h) and not _idle_per_step(cb, h)]
@@ -187,6 +200,10 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
                        if _overrides(module, LightningModule, h) or h in ("backward", "optimizer_zero_grad",
                                                                           "configure_gradient_clipping")},
             "batch_idx_arg": is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2),
+            # full precision, an uncompiled module, Lightning's own training_step: the strategy's
+            # forward context is a no-op and it calls module.training_step itself
+            "direct_step": (type(precision) is Precision and trainer.strategy.model is module
+                            and type(trainer.strategy).training_step is Strategy.training_step),
         }
 
     # ---------------------------------------------------------------- dispatch
@@ -195,7 +212,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         if not fns:
             return
         trainer = self.trainer
-        module = trainer.lightning_module
+        module = self._plan["lm"]
         prev, module._current_fx_name = module._current_fx_name, hook
         for fn in fns:
             fn(trainer, module, *args)
@@ -205,7 +222,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         fn = self._plan["module"].get(hook)
         if fn is None:
             return None
-        module = self.trainer.lightning_module
+        module = self._plan["lm"]
         prev, module._current_fx_name = module._current_fx_name, hook
         out = fn(*args, **kwargs)
         module._current_fx_name = prev
@@ -216,12 +233,13 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         plan = getattr(self, "_plan", None)
         if plan is None or self.restarting:
             return super().advance(data_fetcher)
-        self.val_loop.restarting = False
+        if plan["val_subloops"] or self.val_loop._restarting:
+            self.val_loop.restarting = False  # the setter walks every attribute for sub-loops
         trainer = self.trainer
         batch, _, __ = next(data_fetcher)
         batch_idx = self.batch_idx + 1
         self.batch_progress.is_last_batch = data_fetcher.done
-        module = trainer.lightning_module
+        module = self._plan["lm"]
         if not _on_device(batch, plan["device"]):  # else every transfer step would return the batch as it is
             batch = trainer.precision_plugin.convert_input(batch)
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
@@ -229,7 +247,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
             module._current_fx_name = prev
         self.batch_progress.increment_ready()
-        trainer._logger_connector.on_batch_start(batch)
+        self._connector_batch_start(batch)
 
         batch_output = None
         skip_rest_of_epoch = False
@@ -257,9 +275,54 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
 
         self._callbacks("on_train_batch_end", batch_output, batch, batch_idx)
         self._module("on_train_batch_end", batch_output, batch, batch_idx)
-        trainer._logger_connector.on_batch_end()
+        step_values = self._connector_batch_end()
         self.batch_progress.increment_completed()
-        trainer._logger_connector.update_train_step_metrics()
+        if step_values:  # else Lightning's update_train_step_metrics would log an empty dict: nothing
+            trainer._logger_connector.update_train_step_metrics()
+
+    # ---------------------------------------------------------------- the logger connector's step
+    def _connector_batch_start(self, batch: Any) -> None:
+        """_LoggerConnector.on_batch_start(batch) with this loop's result collection (what
+        trainer._results resolves to while training) instead of three property lookups."""
+        connector = self.trainer._logger_connector
+        if connector._first_loop_iter is None:
+            connector._first_loop_iter = True
+        elif connector._first_loop_iter is True:
+            connector._first_loop_iter = False
+        results = self._results
+        results.batch, results.batch_size, results.dataloader_idx = batch, None, None
+
+    def _connector_batch_end(self) -> bool:
+        """_LoggerConnector.on_batch_end(); True if a value was logged on_step. Without one (all
+        of litlab's step values go to the tracker directly) results.metrics(on_step=True) is
+        empty and the three metric dicts would be updated with nothing: only the batch is let go."""
+        results = self._results
+        if any(item.meta.on_step for item in results.values()):
+            self.trainer._logger_connector.on_batch_end()
+            return True
+        results.batch = results.batch_size = None
+        return False
+
+    # ---------------------------------------------------------------- per epoch, not per step
+    def _should_check_val_epoch(self) -> bool:
+        """Lightning asks this after every batch (trainer.enable_validation walks the module's
+        overrides each time); it cannot change within an epoch: the value at the epoch's start."""
+        plan = getattr(self, "_plan", None)
+        if plan is not None and plan["epoch"] == self.trainer.current_epoch:
+            return plan["val_epoch"]
+        return super()._should_check_val_epoch()
+
+    def update_lr_schedulers(self, interval: str, update_plateau_schedulers: bool) -> None:
+        plan = getattr(self, "_plan", None)
+        if plan is not None and update_plateau_schedulers and not plan["plateau"]:
+            return  # Lightning would walk the schedulers and step none: there is no ReduceLROnPlateau
+        super().update_lr_schedulers(interval, update_plateau_schedulers)
+
+    def run(self, data_fetcher) -> None:
+        try:
+            super().run(data_fetcher)
+        finally:
+            self._plan = None  # the per-epoch answers above end with the epoch
 
     def _step_schedulers(self, interval: str) -> None:
         """update_lr_schedulers(interval, update_plateau_schedulers=False) without accumulation:
@@ -305,10 +368,13 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     def _closure(self, optimizer, batch_idx: int, kwargs: OrderedDict) -> _StepResult:
         """training_step, zero_grad, backward: what Lightning's Closure runs inside optimizer.step."""
         trainer = self.trainer
-        module = trainer.lightning_module
+        module = self._plan["lm"]
         strategy = trainer.strategy
         prev, module._current_fx_name = module._current_fx_name, "training_step"
-        output = strategy.training_step(*kwargs.values())
+        if self._plan["direct_step"]:  # Strategy.training_step with nothing around the module's
+            output = module.training_step(*kwargs.values())
+        else:
+            output = strategy.training_step(*kwargs.values())
         module._current_fx_name = prev
         strategy.post_training_step()
         result = _StepResult.of(output)
@@ -330,7 +396,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Strategy.backward -> Precision.pre_backward / backward / post_backward, unrolled."""
-        module = self.trainer.lightning_module
+        module = self._plan["lm"]
         prev, module._current_fx_name = module._current_fx_name, "backward"
         self._callbacks("on_before_backward", loss)
         self._module("on_before_backward", loss)

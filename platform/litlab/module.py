@@ -19,6 +19,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.trainer.states import RunningStage
 
 
 class LitlabModule(L.LightningModule):
@@ -36,7 +37,14 @@ class LitlabModule(L.LightningModule):
         """True in a training step whose on_step values Lightning sends to the loggers (every
         trainer.log_every_n_steps steps): log on_step-only values then, skip the call otherwise."""
         t = self._trainer
-        return t is not None and (t._logger_connector.should_update_logs or bool(t.fast_dev_run))
+        if t is None:
+            return False
+        if t.fast_dev_run:
+            return True
+        if t.state.stage is RunningStage.TRAINING:  # should_update_logs without its two loop lookups
+            n = t.log_every_n_steps
+            return n != 0 and ((t.fit_loop.epoch_loop._batches_that_stepped + 1) % n == 0 or t.should_stop)
+        return t._logger_connector.should_update_logs
 
     def log_step_metrics(self, metrics: dict[str, torch.Tensor], batch_size: int | None = None) -> None:
         """Per-step values (call it where is_logging_step() is True). When every logger is litlab's
@@ -139,45 +147,55 @@ class AccuracyWithConfusion(torchmetrics.classification.MulticlassConfusionMatri
 class TrainEpochStats(torchmetrics.Metric):
     """The training epoch's running sums on the device, for train/loss_epoch and train/acc.
 
-    `add(loss, logits, target)` is what a training step pays: three kernels (argmax, ==, and the
-    loss added to its running sum), no host sync, no validation, no self.log. The comparisons wait
-    in a short list and are counted every `fold_every` steps (integer sums: exact in any grouping);
-    the loss is summed step by step, in order, so that a run resumed mid-epoch (ExactResume saves
-    these states) adds the same floats in the same order as the uninterrupted one.
+    `add(loss, logits, target)` is what a training step pays: one kernel (the loss added to its
+    running sum), no host sync, no validation, no self.log. The step's logits and targets wait in a
+    short list (references, no copy) and are compared and counted every `fold_every` steps, or
+    sooner once they hold `fold_elements` logits (big outputs are not kept alive): one cat, argmax,
+    == and sum for the whole group (integer counts: exact in any grouping). The loss is summed step
+    by step, in order, so that a run resumed mid-epoch (ExactResume saves these states) adds the
+    same floats in the same order as the uninterrupted one.
     `epoch_values()` -> (mean loss weighted by batch size, micro accuracy), as Lightning's on_epoch
     mean and MulticlassAccuracy gave them, summed over DDP ranks."""
 
     full_state_update = False
 
-    def __init__(self, fold_every: int = 256):
+    def __init__(self, fold_every: int = 256, fold_elements: int = 1 << 22):
         super().__init__()
-        self.fold_every = fold_every
+        self.fold_every, self.fold_elements = fold_every, fold_elements
         self.add_state("loss_sum", torch.zeros(()), dist_reduce_fx="sum")  # sum of loss x batch size
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # batch sizes
         self.add_state("targets", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # labels compared
-        self._pending: list[tuple[torch.Tensor, int, int]] = []  # (pred == target, batch size, numel)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits (B, K, ...), target (B, ...))
+        self._pending_elements = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         """loss (), logits (B, K, ...), target (B, ...) class indices."""
-        n = target.shape[0]
-        self.loss_sum.add_(loss.detach(), alpha=n)
-        self._pending.append((logits.detach().argmax(1) == target, n, target.numel()))
-        self._update_count += 1
-        self._computed = None
-        if len(self._pending) >= self.fold_every:
+        self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
+        logits = logits.detach()
+        self._pending.append((logits, target))
+        self._pending_elements += logits.numel()
+        # plain attributes, set past nn.Module.__setattr__'s parameter/buffer/submodule checks
+        self.__dict__["_update_count"] += 1
+        self.__dict__["_computed"] = None
+        if len(self._pending) >= self.fold_every or self._pending_elements >= self.fold_elements:
             self.fold()
 
     update = add
 
     def fold(self) -> None:
-        """Count the waiting comparisons into the states (two kernels for up to fold_every steps)."""
+        """Count the waiting comparisons into the states (a few kernels for up to fold_every steps)."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
-        self.correct += torch.cat([hit.reshape(-1) for hit, _, _ in pending]).sum()
-        self.samples += sum(n for _, n, _ in pending)
-        self.targets += sum(m for _, _, m in pending)
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        shapes = {(logits.shape[1:], logits.dtype) for logits, _ in pending}
+        if len(shapes) == 1:  # (sum B, K, ...) -> one argmax for the group
+            hits = torch.cat([logits for logits, _ in pending]).argmax(1) == torch.cat([t for _, t in pending])
+        else:
+            hits = torch.cat([(logits.argmax(1) == t).reshape(-1) for logits, t in pending])
+        self.correct += hits.sum()
+        self.samples += sum(t.shape[0] for _, t in pending)
+        self.targets += sum(t.numel() for _, t in pending)
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._values()
@@ -193,7 +211,7 @@ class TrainEpochStats(torchmetrics.Metric):
 
     def reset(self) -> None:
         super().reset()
-        self._pending = []
+        self._pending, self._pending_elements = [], 0
 
 
 def class_names(datamodule, num_classes: int) -> list[str]:
