@@ -63,14 +63,6 @@ class LitlabModule(L.LightningModule):
         for name, value in metrics.items():
             self.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
 
-    def is_last_batch(self) -> bool:
-        """True in the training step of the epoch's last batch (known before the step runs)."""
-        t = self._trainer
-        if t is None:
-            return False
-        loop = t.fit_loop.epoch_loop
-        return bool(loop.batch_progress.is_last_batch) or loop.batch_progress.current.ready >= t.num_training_batches
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """trainer.gradient_clip_val, clipped here with torch's foreach kernels. Lightning's own path
         refuses a fused optimiser under mixed precision (the fused step unscales the gradients
@@ -214,6 +206,37 @@ class TrainEpochStats(torchmetrics.Metric):
         self._pending, self._pending_elements = [], 0
 
 
+class EpochValue(torchmetrics.Metric):
+    """One of a TrainEpochStats' epoch values (0: mean loss, 1: accuracy) as a Metric that
+    Lightning can log once an epoch: it has no state of its own, counts the stats' updates as its
+    own, computes from the stats and resets them (Lightning resets logged metrics at epoch end)."""
+
+    full_state_update = False
+
+    def __init__(self, stats: TrainEpochStats, index: int):
+        super().__init__(sync_on_compute=False)  # the stats sum their own states over the ranks
+        self._source, self.index = (stats,), index  # a reference, not a submodule
+
+    @property
+    def _update_count(self) -> int:
+        return self._source[0]._update_count if "_source" in self.__dict__ else 0
+
+    @_update_count.setter
+    def _update_count(self, value: int) -> None:
+        pass  # counted by the stats
+
+    def update(self, *args, **kwargs) -> None:
+        raise RuntimeError("an EpochValue is updated through its TrainEpochStats")
+
+    def compute(self) -> torch.Tensor:
+        return self._source[0].epoch_values()[self.index]
+
+    def reset(self) -> None:
+        super().reset()
+        if self._source[0].update_called:
+            self._source[0].reset()
+
+
 def class_names(datamodule, num_classes: int) -> list[str]:
     """Names of the classes: the datamodule's `class_names`, its HF label feature's names, or indices."""
     names = getattr(datamodule, "class_names", None)
@@ -242,6 +265,7 @@ class ClassifierModule(LitlabModule):
         )
         self.metrics["test_acc"] = AccuracyWithConfusion(num_classes)
         self.train_stats = TrainEpochStats()  # train/loss and train/acc without a self.log per step
+        self.train_loss_epoch, self.train_acc_epoch = EpochValue(self.train_stats, 0), EpochValue(self.train_stats, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, ...) -> logits (B, num_classes)
@@ -271,25 +295,26 @@ class ClassifierModule(LitlabModule):
 
     def log_train_step(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """train/loss_step at the steps Lightning sends to the loggers (every log_every_n_steps);
-        train/loss_epoch and train/acc (and train/loss, for callbacks) once, at the epoch's last batch."""
+        the step's loss and accuracy into the epoch's sums (one kernel)."""
         self.train_stats.add(loss, logits, y)
         if self.is_logging_step():
             self.log_step_metrics({"train/loss_step": loss.detach()}, batch_size=y.shape[0])
-        if self.is_last_batch():
-            self._log_train_epoch()
 
-    def _log_train_epoch(self) -> None:
-        stats = self.train_stats
-        if not stats.update_called:
-            return
-        mean_loss, acc = stats.epoch_values()
-        self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True, batch_size=1)
-        self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=1)
-        self.log("train/loss", mean_loss, on_step=False, on_epoch=True, batch_size=1, logger=False)
-        stats.reset()
+    def on_train_epoch_start(self):
+        self._log_epoch_values()
 
-    def on_train_epoch_end(self):  # an epoch cut short (max_steps, an unsized loader): log what it had
-        self._log_train_epoch()
+    def on_train_start(self):
+        if getattr(self.trainer.fit_loop, "restarted_mid_epoch", False):  # no on_train_epoch_start for it
+            self._log_epoch_values()
+
+    def _log_epoch_values(self) -> None:
+        """train/loss_epoch and train/acc (and train/loss, for callbacks), logged as metrics that
+        Lightning computes once the epoch's batches are done (and resets with the sums): no step
+        pays for the epoch values, an epoch cut short (max_steps) gets those of its batches, and
+        callbacks see them in callback_metrics at on_train_epoch_end as if logged in each step."""
+        self.log("train/loss_epoch", self.train_loss_epoch, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc_epoch, on_step=False, on_epoch=True)
+        self.log("train/loss", self.train_loss_epoch, on_step=False, on_epoch=True, logger=False)
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")
