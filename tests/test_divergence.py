@@ -63,3 +63,27 @@ def test_divergence_from_the_cli_is_one_line_and_exit_1(tmp_path):
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
     (run,) = c.search_runs(c.search_experiments()[0].experiment_id)
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("losses, bad", [
+    ([1.0, 2.5, 0.1], False),
+    ([1.0, float("inf"), 0.1], True),
+    ([float("nan")], True),
+    ([-float("inf"), 3.0], True),
+])
+@pytest.mark.parametrize("shape", [(), (3,)], ids=["scalar", "vector"])
+def test_guard_sees_a_nonfinite_loss_by_reading_or_by_kernels(losses, bad, shape):
+    """The CPU path (the losses read) and the device path (folded into a NaN-sticky flag, run here
+    on CPU tensors) agree with math.isfinite, for scalar and per-sample losses."""
+    import math
+
+    from litlab.guards import NonFiniteGuard, _poisoned_all
+
+    tensors = [torch.full(shape, v) for v in losses]
+    guard = NonFiniteGuard(check_every=10)
+    for t in tensors:
+        guard.on_before_backward(None, None, t)
+    guard._fold()
+    assert (guard._flag is not None and bool(guard._flag != 0)) == bad
+    assert (not math.isfinite(float(_poisoned_all(tensors)))) == bad
+    assert bad == any(not math.isfinite(v) for v in losses)

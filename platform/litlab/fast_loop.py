@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.core.module import LightningModule
 from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
 from lightning.pytorch.loops.loop import _Loop
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -103,6 +104,10 @@ def _all_on(attributes: dict, device: torch.device) -> bool:
     return True
 
 
+def _nothing() -> None:
+    pass
+
+
 def _on_device(batch: Any, device: torch.device | None) -> bool:
     """A tuple/list of plain tensors all on `device` (None: never)."""
     return device is not None and type(batch) in (tuple, list) and all(
@@ -155,6 +160,9 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     def on_run_start(self, data_fetcher) -> None:
         super().on_run_start(data_fetcher)
         self._plan = self._lean_plan(data_fetcher)
+        if self._plan is not None and type(self.trainer.profiler) is PassThroughProfiler:
+            # each fetch would format two action names for a profiler that records nothing
+            data_fetcher._start_profiler = data_fetcher._stop_profiler = _nothing
         self.lean_epoch = self._plan is not None  # this epoch's batches take the lean path (kept after it)
 
     # ---------------------------------------------------------------- when the lean path applies
