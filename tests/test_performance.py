@@ -301,3 +301,21 @@ def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, 
         assert float(mean_loss) == pytest.approx(expected_loss, rel=1e-6)
         stats.reset()
         assert not stats._pending and int(stats.correct) == 0 and int(stats.samples) == 0
+
+
+def test_a_move_to_where_the_tensors_are_returns_the_result_itself():
+    """skip_needless_moves: _ResultMetric.to(its own device) is the object, unchanged; any other
+    move (another device, a dtype) is still Lightning's."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata, _ResultMetric
+
+    from litlab.lightning_speedups import _all_on, skip_needless_moves
+
+    skip_needless_moves()
+    metric = _ResultMetric(_Metadata(fx="training_step", name="x", on_epoch=True), is_tensor=True)
+    metric.update(torch.tensor(2.0), 3)
+    before = {k: v.clone() for k, v in metric.__dict__.items() if isinstance(v, torch.Tensor)}
+    assert metric.to(torch.device("cpu")) is metric
+    assert all(torch.equal(metric.__dict__[k], v) for k, v in before.items())
+    assert not _all_on(metric.__dict__, torch.device("meta"))
+    assert metric.to(torch.device("meta")).value.device.type == "meta"  # Lightning's own move
+    assert not _all_on({"values": [torch.zeros(1)]}, torch.device("cpu"))  # could hold tensors deeper

@@ -14,14 +14,17 @@ the same batch in the same order of hooks, with the same arguments and the same
     -> on_after_backward -> on_before_optimizer_step -> configure_gradient_clipping -> optimizer.step
     -> lr_scheduler_step -> on_train_batch_end -> logger connector (log every n steps)
 
-but calls only the callbacks that override each hook, directly. It takes this path only where it
-is the same computation: automatic optimisation with one optimiser, no gradient accumulation,
-one device (SingleDeviceStrategy), a precision plugin whose backward/step are Lightning's plain
-ones (32, 64, bf16-mixed, 16-true; not 16-mixed with its grad scaler), a module that does not
-override optimizer_step, no dataloader_iter training_step, not the first batch after a restart,
-and a Lightning version this was checked against (2.5, 2.6). Anything else runs Lightning's own
-`advance()`, unchanged. tests/test_performance.py trains the same run both ways and compares
-the weights, optimiser state and every logged metric bit for bit.
+but calls only the callbacks that override each hook, directly (leaving out the hooks that would
+return at once), updates the logger connector's dicts only when a value was logged on_step (else
+they would be updated with nothing), and answers once an epoch what Lightning asks after every
+batch and cannot change within an epoch (validate this epoch? is there a plateau scheduler?).
+It takes this path only where it is the same computation: automatic optimisation with one
+optimiser, no gradient accumulation, one device (SingleDeviceStrategy), a precision plugin whose
+backward/step are Lightning's plain ones (32, 64, bf16-mixed, 16-true; not 16-mixed with its grad
+scaler), a module that does not override optimizer_step, no dataloader_iter training_step, not
+the first batch after a restart, and a Lightning version this was checked against (2.5, 2.6).
+Anything else runs Lightning's own `advance()`, unchanged. tests/test_performance.py trains the
+same run both ways and compares the weights, optimiser state and every logged metric bit for bit.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
+from litlab.lightning_speedups import skip_needless_moves
+
 CHECKED_VERSIONS = ("2.5.", "2.6.")
 STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
               "on_before_optimizer_step", "on_train_batch_end")
@@ -59,48 +64,9 @@ def install(trainer) -> bool:
     """Put a LeanTrainingEpochLoop in the trainer (before fit); False if this Lightning is unknown."""
     if not supported_version():
         return False
-    _skip_needless_moves()
+    skip_needless_moves()
     old = trainer.fit_loop.epoch_loop
     trainer.fit_loop.epoch_loop = LeanTrainingEpochLoop(trainer, min_steps=old.min_steps, max_steps=old.max_steps)
-    return True
-
-
-def _skip_needless_moves() -> None:
-    """Every `self.log` call runs `_ResultMetric.to(value.device)`, which rebuilds the result's
-    attribute dict through apply_to_collection (deep-copying its metadata dataclass): ~0.3 ms on a
-    laptop CPU even when every tensor is on that device already. Return at once in that case (a
-    move of tensors that are where they should be does nothing); any other case is Lightning's."""
-    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
-
-    original = _ResultMetric.to
-    if getattr(original, "_litlab", False):
-        return
-
-    def to(self, *args, **kwargs):
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.device) and _all_on(self.__dict__, args[0]):
-            return self
-        return original(self, *args, **kwargs)
-
-    to._litlab = True
-    _ResultMetric.to = to
-
-
-def _all_on(attributes: dict, device: torch.device) -> bool:
-    """Every tensor among the values (and the values of dict values) is on `device`; False if a
-    value could hold tensors deeper down (a Metric, a list, ...)."""
-    for value in attributes.values():
-        if isinstance(value, torch.Tensor):
-            if value.device != device:
-                return False
-        elif isinstance(value, dict):
-            for inner in value.values():
-                if isinstance(inner, torch.Tensor):
-                    if inner.device != device:
-                        return False
-                elif isinstance(inner, (torch.nn.Module, list, tuple, dict)):
-                    return False
-        elif isinstance(value, (torch.nn.Module, list, tuple)):
-            return False
     return True
 
 
