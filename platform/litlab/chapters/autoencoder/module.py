@@ -37,9 +37,9 @@ from litlab.chapters.autoencoder.nets import (
     neg_log_likelihood,
 )
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import StageSteps
 
 CHAPTER = "7 Autoencoders"
 
@@ -57,7 +57,7 @@ _SAMPLE_SEED = 1234  # the quality samples and sample grids use fixed noise: com
 _TRAVERSAL_DIMS, _TRAVERSAL_STEPS, _RECON_N = 8, 9, 12
 
 
-class AutoencoderModule(LitlabModule):
+class AutoencoderModule(StageSteps):
     """What both models share: steps, metrics, sample quality and figures. Subclasses implement
     `terms(x)`, `decode(z)`, `sample_latent(n, generator)` and `traversal(codes)`, and register the
     (encoder, decoder) pair that `__init__` leaves in `self._networks`."""
@@ -104,7 +104,7 @@ class AutoencoderModule(LitlabModule):
             raise ConfigError("data.normalize", "autoencoders model pixels in [0, 1] (Bernoulli or sigmoid mean): "
                                                 "set data.normalize=false")
 
-    def _shared_step(self, batch, stage: str) -> Tensor:
+    def _step(self, batch, stage: str) -> Tensor:
         x, y = batch
         t = self.terms(x)
         train = stage == "train"
@@ -121,15 +121,6 @@ class AutoencoderModule(LitlabModule):
         elif stage == "test":
             self._test_images.append(x.detach())
         return t["loss"]
-
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._shared_step(batch, "test")
 
     # ---------------------------------------------------------------- epoch ends
     def _gather(self, t: Tensor) -> Tensor:

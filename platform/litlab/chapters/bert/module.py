@@ -21,9 +21,10 @@ from litlab.chapters.bert.nets import BertClassifier, BertForPretraining, mlm_lo
 from litlab.chapters.bert.pretrained import load_checkpoint, load_submodules, logger_tracking_uri
 from litlab.data.corpus import IGNORE, NUM_SPECIAL
 from litlab.errors import ConfigError
-from litlab.module import ClassifierModule, LitlabModule
+from litlab.module import ClassifierModule
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import StageSteps
 
 CHAPTER = "5-6 Attention and transformers"
 
@@ -65,7 +66,7 @@ def architecture(hp) -> dict:
     smoke={"model": {"d_model": 16, "n_heads": 2, "n_layers": 1},
            "data": {"name": "pydoc_mlm", **SMOKE_DATA}},
 )
-class BertMLM(LitlabModule):
+class BertMLM(StageSteps):
     def __init__(
         self,
         vocab_size: VocabSize,
@@ -118,14 +119,6 @@ class BertMLM(LitlabModule):
             self.log(f"{stage}/mlm_majority_acc", self.majority_acc[f"{stage}_"], on_step=False, on_epoch=True)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
 
 class PretrainedEncoderMixin:

@@ -26,8 +26,8 @@ from litlab.chapters.gnn.module import (
 )
 from litlab.chapters.gnn.nets import Activation, Conv, GraphClassifierNet, Readout
 from litlab.chapters.gnn.plots import Projection, embedding_figure
-from litlab.module import LitlabModule
 from litlab.registry import register_model
+from litlab.steps import StageSteps
 
 
 @register_model(
@@ -37,7 +37,7 @@ from litlab.registry import register_model
     smoke={"model": {"hidden": 8, "num_layers": 2}, "data": {"name": "synthetic_graphs", "num_graphs": 12,
                                                                "batch_size": 4, "max_nodes": 10}},
 )
-class GraphClassifier(LitlabModule):
+class GraphClassifier(StageSteps):
     def __init__(
         self,
         in_features: InFeatures,
@@ -80,11 +80,6 @@ class GraphClassifier(LitlabModule):
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")

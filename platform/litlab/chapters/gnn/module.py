@@ -26,9 +26,9 @@ from litlab.chapters.gnn.nets import (
     mean_average_distance,
 )
 from litlab.chapters.gnn.plots import Projection, embedding_figure
-from litlab.module import LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import StageSteps
 
 CHAPTER = "10 Graph neural networks"
 
@@ -47,7 +47,7 @@ def masked_targets(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, y, torch.full_like(y, -1))
 
 
-class NodeClassifierModule(LitlabModule):
+class NodeClassifierModule(StageSteps):
     """Shared steps of the node classifiers; subclasses build `self.net` (a NodeClassifierNet)."""
 
     net: NodeClassifierNet
@@ -83,14 +83,6 @@ class NodeClassifierModule(LitlabModule):
             self._test_outputs.append((hidden.detach().cpu(), batch.y.cpu(), batch.train_mask.cpu()))
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     def on_test_epoch_start(self):
         self._test_outputs = []

@@ -39,9 +39,9 @@ from litlab.chapters.gnn.nets import (
 )
 from litlab.chapters.gnn.plots import oversmoothing_figure
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import StageSteps
 
 Depth = Annotated[int, Range(ge=1, le=128)]
 
@@ -57,7 +57,7 @@ def masked_accuracy(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -
                 "pairwise distance (MAD) of the node representations against depth",
     smoke={"model": {"depths": [1, 3], "hidden": 4}, "data": SMOKE_SBM},
 )
-class GNNDepthSweep(LitlabModule):
+class GNNDepthSweep(StageSteps):
     def __init__(
         self,
         in_features: InFeatures,
@@ -115,14 +115,6 @@ class GNNDepthSweep(LitlabModule):
         if depth == self.depths[-1]:
             r["mad_by_layer"] = [float(mean_average_distance(h)) for h in outputs]
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     def on_train_start(self):
         """MAD after each layer of the deepest net before any update: smoothing by Â alone."""

@@ -17,19 +17,18 @@ is kept in buffers (part of the state_dict), so a checkpoint loaded with litlab.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
 import torchmetrics
 
 from litlab.chapters.gpt.nets import GPT
 from litlab.data.text import ByteVocab, CharVocab
 from litlab.errors import ConfigError
-from litlab.module import LitlabModule, log_text
+from litlab.module import log_text
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import NextTokenSteps
 
 CHAPTER = "5-6 Attention and transformers"
 MOE_CHAPTER = "12 LLM techniques"
@@ -47,11 +46,6 @@ Length = Annotated[int, Range(ge=0, le=1_000_000)]
 Seed = Annotated[int, Range(ge=0, lt=2**63)]
 
 
-def bits_per_token(loss_nats: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats per token -> bits per token (bpc for characters): loss / ln 2."""
-    return loss_nats / math.log(2)
-
-
 class ExpMean(torchmetrics.MeanMetric):
     """exp of the (weighted) mean: perplexity = exp(mean NLL over the epoch's tokens)."""
 
@@ -59,7 +53,7 @@ class ExpMean(torchmetrics.MeanMetric):
         return torch.exp(super().compute())
 
 
-class GPTBase(LitlabModule):
+class GPTBase(NextTokenSteps):
     def _build(self, h) -> None:
         if h.d_model % h.n_head:
             raise ConfigError("model.d_model", f"{h.d_model} is not divisible by model.n_head={h.n_head}")
@@ -80,28 +74,10 @@ class GPTBase(LitlabModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # ids (B, T) -> next-token logits (B, T, V)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch  # (B, T) each
-        logits = self(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # nats per token
-        train = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=True, prog_bar=stage == "val",
-                 sync_dist=not train)
-        self.log(f"{stage}/bpc", bits_per_token(loss.detach()), on_step=False, on_epoch=True,
-                 prog_bar=stage == "val", sync_dist=not train)
+    def log_step_extras(self, stage: str, loss: torch.Tensor, y: torch.Tensor) -> None:
         ppl = self.perplexity[f"{stage}_ppl"]
-        ppl.update(loss.detach(), weight=y.numel())
+        ppl.update(loss, weight=y.numel())
         self.log(f"{stage}/perplexity", ppl, on_step=False, on_epoch=True)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     # ---------------------------------------------------------------- vocabulary and sampling
     @property

@@ -33,6 +33,7 @@ from litlab.errors import ConfigError
 from litlab.module import LitlabModule, log_text
 from litlab.registry import register_model
 from litlab.schema import Range
+from litlab.steps import StageSteps
 
 CHAPTER = "12 LLM techniques"
 
@@ -189,7 +190,7 @@ class SFTModule(PolicyBase):
     description="Bradley-Terry reward model: scalar head on a causal GPT trunk, -log sigmoid(r_w - r_l), preference acc",
     smoke={"model": {"n_layer": 1, "n_head": 2, "d_model": 16}, "data": SMOKE_DATA},
 )
-class RewardModelModule(LitlabModule):
+class RewardModelModule(StageSteps):
     def __init__(
         self,
         vocab_size: VocabSize,
@@ -228,14 +229,6 @@ class RewardModelModule(LitlabModule):
             self._test_rewards.append(torch.stack([r_w, r_l]).detach().cpu())
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     def on_test_epoch_end(self):
         if self._test_rewards and self.loggers:

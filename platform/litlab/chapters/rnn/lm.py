@@ -14,23 +14,17 @@ so it is part of the state_dict and a model loaded from a checkpoint (litlab.loa
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
 
 from litlab.chapters.rnn.module import CHAPTER, Cell, Embedding, GradNormLogging, Hidden, Layers, VocabSize
 from litlab.chapters.rnn.nets import CharLM
 from litlab.data.text import CharVocab
-from litlab.module import LitlabModule, log_text
+from litlab.module import log_text
 from litlab.registry import register_model
 from litlab.schema import Range
-
-
-def bits_per_char(loss_nats: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats per character -> bits per character: bpc = loss / ln 2."""
-    return loss_nats / math.log(2)
+from litlab.steps import NextTokenSteps
 
 
 @register_model(
@@ -41,7 +35,7 @@ def bits_per_char(loss_nats: torch.Tensor) -> torch.Tensor:
                      "sample_length": 20},
            "data": {"name": "text_chars", "max_chars": 20000, "seq_len": 16, "batch_size": 8}},
 )
-class CharLMModule(GradNormLogging, LitlabModule):
+class CharLMModule(GradNormLogging, NextTokenSteps):
     def __init__(
         self,
         vocab_size: VocabSize,
@@ -66,26 +60,6 @@ class CharLMModule(GradNormLogging, LitlabModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[0]  # ids (B, T) -> next-character logits (B, T, V)
-
-    def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch  # (B, T) each
-        logits = self(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))  # nats per character
-        train = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), on_step=train, on_epoch=True, prog_bar=stage == "val",
-                 sync_dist=not train)
-        self.log(f"{stage}/bpc", bits_per_char(loss.detach()), on_step=False, on_epoch=True,
-                 prog_bar=stage == "val", sync_dist=not train)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
 
     # ---------------------------------------------------------------- vocabulary and sampling
     @property
