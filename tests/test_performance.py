@@ -39,6 +39,7 @@ class Seen(L.Callback):
         self.log_step = log_step
         self.loop = None
         self.plans = []
+        self.unrolled_fetch = []
         self.grad_norms = []
         self.step_dicts = []  # the logger connector's own dicts as each batch starts (the last batch's end left them)
 
@@ -51,7 +52,9 @@ class Seen(L.Callback):
                                 for d in (c._logged_metrics, c._progress_bar_metrics, c._callback_metrics)])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.plans.append(getattr(self.loop, "_plan", None) is not None)
+        plan = getattr(self.loop, "_plan", None)
+        self.plans.append(plan is not None)
+        self.unrolled_fetch.append(plan is not None and plan["cycle"] is not None)
         if self.log_step:
             pl_module.log("seen/loss", outputs["loss"], on_step=True, on_epoch=True, prog_bar=True)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
@@ -75,7 +78,7 @@ def _history(uri: str, run_id: str) -> dict:
 
 @pytest.mark.parametrize("extra, log_step", [
     (["model.dropout=0.2", "data.augment=true", "trainer.gradient_clip_val=0.5", "trainer.log_every_n_steps=3",
-      "callbacks.checkpoint.every_n_train_steps=7"], False),
+      "callbacks.checkpoint.every_n_train_steps=7", "trainer.limit_train_batches=17"], False),
     (["trainer.skip_nonfinite=true", "trainer.precision=bf16-mixed", "trainer.val_check_interval=0.5",
       "optim.name=sgd", "optim.momentum=0.9", "trainer.log_every_n_steps=1"], True),
 ], ids=["dropout-augment-clip", "skip-bf16-sgd-steplog"])
@@ -87,6 +90,7 @@ def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra,
                             tracking_uri=tracking_uri, callbacks=[seen], quiet=True)
         assert isinstance(seen.loop, LeanTrainingEpochLoop) == fast
         assert all(seen.plans) == fast  # the lean path ran every step (or never)
+        assert all(seen.unrolled_fetch) == fast  # with its unrolled fetch of the one training loader
         ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
         out[fast] = ckpt, _history(tracking_uri, result.run_id), result.metrics, seen.step_dicts
     (fast_ckpt, fast_hist, fast_test, fast_dicts), (slow_ckpt, slow_hist, slow_test, slow_dicts) = out[True], out[False]

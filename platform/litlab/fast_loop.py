@@ -45,7 +45,9 @@ from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.combined_loader import _MaxSizeCycle
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch.utils._pytree import LeafSpec
 
 from litlab.lightning_speedups import skip_needless_moves
 
@@ -78,6 +80,17 @@ def _on_device(batch: Any, device: torch.device | None) -> bool:
     """A tuple/list of plain tensors all on `device` (None: never)."""
     return device is not None and type(batch) in (tuple, list) and all(
         type(t) is torch.Tensor and t.device == device for t in batch)
+
+
+def _single_loader_cycle(data_fetcher) -> _MaxSizeCycle | None:
+    """The CombinedLoader's iterator if it cycles one loader (a leaf, not a collection of them) of
+    known length, the training default; else None."""
+    loader = data_fetcher._combined_loader
+    cycle = getattr(loader, "_iterator", None)
+    if (type(cycle) is _MaxSizeCycle and len(cycle.iterators) == 1 and isinstance(loader._spec, LeafSpec)
+            and data_fetcher.length is not None and data_fetcher.iterator is loader):
+        return cycle
+    return None
 
 
 def _idle_per_step(callback: Callback, hook: str) -> bool:
@@ -165,6 +178,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             "val_subloops": any(isinstance(v, _Loop) for v in vars(self.val_loop).values()),
             "val_epoch": super()._should_check_val_epoch(),
             "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
+            "cycle": _single_loader_cycle(data_fetcher),
             "device": trainer.strategy.root_device if plain_transfer else None,
             "callbacks": {h: [getattr(cb, h) for cb in trainer.callbacks
                               if _overrides(cb, Callback, h) and not _idle_per_step(cb, h)]
@@ -210,7 +224,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         if plan["val_subloops"] or self.val_loop._restarting:
             self.val_loop.restarting = False  # the setter walks every attribute for sub-loops
         trainer = self.trainer
-        batch, _, __ = next(data_fetcher)
+        batch = self._fetch(data_fetcher)
         batch_idx = self.batch_idx + 1
         self.batch_progress.is_last_batch = data_fetcher.done
         module = self._plan["lm"]
@@ -253,6 +267,29 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         self.batch_progress.increment_completed()
         if step_values:  # else Lightning's update_train_step_metrics would log an empty dict: nothing
             trainer._logger_connector.update_train_step_metrics()
+
+    def _fetch(self, data_fetcher) -> Any:
+        """next(data_fetcher)'s batch. For one loader of known length (nothing prefetched) the
+        fetcher's, CombinedLoader's and _MaxSizeCycle's __next__ unrolled: the same batch, counters
+        (fetched, _idx) and done flag, without three frames and a pytree unflatten of one leaf."""
+        cycle = self._plan["cycle"]
+        if cycle is None or data_fetcher.batches:
+            return next(data_fetcher)[0]
+        if data_fetcher.done:
+            raise StopIteration
+        data_fetcher._start_profiler()
+        try:
+            batch = next(cycle.iterators[0])
+        except StopIteration:
+            cycle._consumed[0] = True  # the only loader: the epoch's end
+            data_fetcher.done = True
+            raise
+        finally:
+            data_fetcher._stop_profiler()
+        cycle._idx += 1
+        data_fetcher.fetched += 1
+        data_fetcher.done = data_fetcher.fetched >= data_fetcher.length
+        return batch
 
     # ---------------------------------------------------------------- the logger connector's step
     def _connector_batch_start(self, batch: Any) -> None:
