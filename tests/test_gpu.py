@@ -23,3 +23,15 @@ def test_digits_learn_on_gpu_with_mixed_precision(path, precision, tracking_uri)
                                "tracking.system_metrics=false"], tracking_uri=tracking_uri)
     assert result.status == "FINISHED"
     assert result.metrics["test/acc"] >= BARS.get(path.name, 0.9), result.metrics
+
+
+def test_classifier_learns_under_cuda_graphs(tracking_uri):
+    """trainer.compile_mode=reduce-overhead (CUDA graphs): the graph's outputs are overwritten by
+    the next replay, so nothing may keep the logits across steps (TrainEpochStats keeps the argmax)."""
+    from helpers import MLP_DIGITS
+
+    result = runner.run(MLP_DIGITS, ["trainer.accelerator=gpu", "trainer.devices=1", "trainer.compile=true",
+                                     "trainer.compile_mode=reduce-overhead", "trainer.max_epochs=3",
+                                     "tracking.system_metrics=false"], tracking_uri=tracking_uri)
+    assert result.status == "FINISHED"
+    assert result.metrics["test/acc"] >= 0.9, result.metrics

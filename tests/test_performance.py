@@ -280,13 +280,21 @@ def test_every_benchmark_config_validates():
             runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])
 
 
+@pytest.mark.parametrize("keep", ["logits", "predictions", "both"])
 @pytest.mark.parametrize("fold_every, fold_elements", [(256, 1 << 22), (3, 1 << 22), (256, 100)])
-def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, fold_elements):
+def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, fold_elements, keep, monkeypatch):
     """TrainEpochStats (comparisons deferred and counted in groups) against torchmetrics' accuracy and
-    a batch-size-weighted mean, with a short last batch and (B, K, T) logits of two lengths."""
+    a batch-size-weighted mean, with a short last batch and (B, K, T) logits of two lengths; keeping
+    the logits (CPU), the argmax (GPU), or each in turn."""
+    import itertools
+
     import torchmetrics
 
     from litlab.module import TrainEpochStats
+
+    if keep != "logits":
+        turns = itertools.cycle([False] if keep == "predictions" else [True, False])
+        monkeypatch.setattr(TrainEpochStats, "keeps_logits", staticmethod(lambda logits: next(turns)))
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(b, 5, *t, generator=g), torch.randint(0, 5, (b, *t), generator=g), torch.rand((), generator=g))

@@ -139,13 +139,15 @@ class AccuracyWithConfusion(torchmetrics.classification.MulticlassConfusionMatri
 class TrainEpochStats(torchmetrics.Metric):
     """The training epoch's running sums on the device, for train/loss_epoch and train/acc.
 
-    `add(loss, logits, target)` is what a training step pays: one kernel (the loss added to its
-    running sum), no host sync, no validation, no self.log. The step's logits and targets wait in a
-    short list (references, no copy) and are compared and counted every `fold_every` steps, or
-    sooner once they hold `fold_elements` logits (big outputs are not kept alive): one cat, argmax,
-    == and sum for the whole group (integer counts: exact in any grouping). The loss is summed step
-    by step, in order, so that a run resumed mid-epoch (ExactResume saves these states) adds the
-    same floats in the same order as the uninterrupted one.
+    `add(loss, logits, target)` is what a training step pays: one kernel on a CPU (the loss added
+    to its running sum), two on a GPU (and the argmax: a CUDA-graph output, compile_mode=
+    reduce-overhead, is overwritten by the next replay, so the logits themselves are not kept
+    there); no host sync, no validation, no self.log. The step's logits (or predictions) and
+    targets wait in a short list (references, no copy) and are compared and counted every
+    `fold_every` steps, or sooner once they hold `fold_elements` elements (big outputs are not kept
+    alive): one cat, argmax, == and sum for the whole group (integer counts: exact in any
+    grouping). The loss is summed step by step, in order, so that a run resumed mid-epoch
+    (ExactResume saves these states) adds the same floats in the same order as the uninterrupted one.
     `epoch_values()` -> (mean loss weighted by batch size, micro accuracy), as Lightning's on_epoch
     mean and MulticlassAccuracy gave them, summed over DDP ranks."""
 
@@ -164,9 +166,9 @@ class TrainEpochStats(torchmetrics.Metric):
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         """loss (), logits (B, K, ...), target (B, ...) class indices."""
         self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
-        logits = logits.detach()
-        self._pending.append((logits, target))
-        self._pending_elements += logits.numel()
+        kept = logits.detach() if self.keeps_logits(logits) else logits.detach().argmax(1)
+        self._pending.append((kept, target))
+        self._pending_elements += kept.numel()
         # plain attributes, set past nn.Module.__setattr__'s parameter/buffer/submodule checks
         self.__dict__["_update_count"] += 1
         self.__dict__["_computed"] = None
@@ -175,16 +177,24 @@ class TrainEpochStats(torchmetrics.Metric):
 
     update = add
 
+    @staticmethod
+    def keeps_logits(logits: torch.Tensor) -> bool:
+        """Keep the logits themselves until the fold (CPU), or take the argmax at once (GPU)."""
+        return not logits.is_cuda
+
     def fold(self) -> None:
         """Count the waiting comparisons into the states (a few kernels for up to fold_every steps)."""
         if not self._pending:
             return
         pending, self._pending, self._pending_elements = self._pending, [], 0
-        shapes = {(logits.shape[1:], logits.dtype) for logits, _ in pending}
-        if len(shapes) == 1:  # (sum B, K, ...) -> one argmax for the group
-            hits = torch.cat([logits for logits, _ in pending]).argmax(1) == torch.cat([t for _, t in pending])
+        targets = [t for _, t in pending]
+        if all(kept.dim() == t.dim() for kept, t in pending):  # predictions (B, ...)
+            hits = torch.cat([p.reshape(-1) for p, _ in pending]) == torch.cat([t.reshape(-1) for t in targets])
+        elif len({(kept.dim() - t.dim(), kept.shape[1:], kept.dtype) for kept, t in pending}) == 1:
+            hits = torch.cat([logits for logits, _ in pending]).argmax(1) == torch.cat(targets)  # (sum B, K, ...)
         else:
-            hits = torch.cat([(logits.argmax(1) == t).reshape(-1) for logits, t in pending])
+            hits = torch.cat([((kept if kept.dim() == t.dim() else kept.argmax(1)) == t).reshape(-1)
+                              for kept, t in pending])
         self.correct += hits.sum()
         self.samples += sum(t.shape[0] for _, t in pending)
         self.targets += sum(t.numel() for _, t in pending)
