@@ -174,7 +174,6 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             and (datamodule is None or not any(_overrides(datamodule, LightningDataModule, h) for h in transfer_hooks)))
         return {
             "lm": module,  # trainer.lightning_module: a property chain, otherwise looked up ~10 times a step
-            "epoch": trainer.current_epoch,
             "val_subloops": any(isinstance(v, _Loop) for v in vars(self.val_loop).values()),
             "val_epoch": super()._should_check_val_epoch(),
             "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
@@ -227,7 +226,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         batch = self._fetch(data_fetcher)
         batch_idx = self.batch_idx + 1
         self.batch_progress.is_last_batch = data_fetcher.done
-        module = self._plan["lm"]
+        module = plan["lm"]
         if not _on_device(batch, plan["device"]):  # else every transfer step would return the batch as it is
             batch = trainer.precision_plugin.convert_input(batch)
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
@@ -317,9 +316,10 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     # ---------------------------------------------------------------- per epoch, not per step
     def _should_check_val_epoch(self) -> bool:
         """Lightning asks this after every batch (trainer.enable_validation walks the module's
-        overrides each time); it cannot change within an epoch: the value at the epoch's start."""
+        overrides each time); it cannot change within an epoch: the value at the epoch's start
+        (the plan lives only while the epoch runs)."""
         plan = getattr(self, "_plan", None)
-        if plan is not None and plan["epoch"] == self.trainer.current_epoch:
+        if plan is not None:
             return plan["val_epoch"]
         return super()._should_check_val_epoch()
 

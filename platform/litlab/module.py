@@ -160,7 +160,8 @@ class TrainEpochStats(torchmetrics.Metric):
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # batch sizes
         self.add_state("targets", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # labels compared
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits (B, K, ...), target (B, ...))
+        # (logits (B, K, ...) or their argmax (B, ...), target (B, ...))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_elements = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -187,14 +188,11 @@ class TrainEpochStats(torchmetrics.Metric):
         if not self._pending:
             return
         pending, self._pending, self._pending_elements = self._pending, [], 0
-        targets = [t for _, t in pending]
-        if all(kept.dim() == t.dim() for kept, t in pending):  # predictions (B, ...)
-            hits = torch.cat([p.reshape(-1) for p, _ in pending]) == torch.cat([t.reshape(-1) for t in targets])
-        elif len({(kept.dim() - t.dim(), kept.shape[1:], kept.dtype) for kept, t in pending}) == 1:
-            hits = torch.cat([logits for logits, _ in pending]).argmax(1) == torch.cat(targets)  # (sum B, K, ...)
-        else:
-            hits = torch.cat([((kept if kept.dim() == t.dim() else kept.argmax(1)) == t).reshape(-1)
-                              for kept, t in pending])
+        if len({(kept.dim() - t.dim(), kept.shape[1:], kept.dtype) for kept, t in pending}) == 1:
+            kept, targets = torch.cat([k for k, _ in pending]), torch.cat([t for _, t in pending])
+            hits = _predictions(kept, targets) == targets  # one cat (and argmax) for the group
+        else:  # shapes differ (e.g. sequence lengths): step by step
+            hits = torch.cat([(_predictions(kept, t) == t).reshape(-1) for kept, t in pending])
         self.correct += hits.sum()
         self.samples += sum(t.shape[0] for _, t in pending)
         self.targets += sum(t.numel() for _, t in pending)
@@ -214,6 +212,11 @@ class TrainEpochStats(torchmetrics.Metric):
     def reset(self) -> None:
         super().reset()
         self._pending, self._pending_elements = [], 0
+
+
+def _predictions(kept: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The class indices of what TrainEpochStats kept: logits (B, K, ...) -> argmax over K."""
+    return kept if kept.dim() == target.dim() else kept.argmax(1)
 
 
 class EpochValue(torchmetrics.Metric):
