@@ -112,6 +112,31 @@ def test_fast_loop_stands_aside_where_it_would_compute_differently(tracking_uri)
     assert isinstance(seen.loop, LeanTrainingEpochLoop) and not any(seen.plans)  # Lightning's own advance()
 
 
+def test_idle_hooks_are_left_out_and_the_hook_name_is_set_where_setattr_would_set_it():
+    """The guard's on_before_optimizer_step does nothing unless it skips batches: left out of the
+    lean step then, kept otherwise. `_current_fx_name` goes to the instance dict for nn.Module's
+    __setattr__ and litlab's (which says it is the same for that name), through any other."""
+    from litlab.lean_plan import FxNameSetter, fx_names, idle_per_step
+    from litlab.guards import NonFiniteGuard
+    from litlab.module import ClassifierModule
+
+    assert idle_per_step(NonFiniteGuard(skip=False), "on_before_optimizer_step")
+    assert not idle_per_step(NonFiniteGuard(skip=True), "on_before_optimizer_step")
+    assert not any(idle_per_step(NonFiniteGuard(skip=s), "on_before_backward") for s in (False, True))
+
+    class Custom(L.LightningModule):
+        def __setattr__(self, name, value):
+            self.__dict__.setdefault("set_names", []).append(name)
+            super().__setattr__(name, value)
+
+    for module, direct in ((ClassifierModule(3), True), (L.LightningModule(), True), (Custom(), False)):
+        store = fx_names(module)
+        assert (store is vars(module)) == direct and isinstance(store, dict | FxNameSetter)
+        store["_current_fx_name"] = "training_step"
+        assert module._current_fx_name == "training_step" and store["_current_fx_name"] == "training_step"
+    assert module.set_names[-1] == "_current_fx_name"  # Custom's own __setattr__ saw it
+
+
 def test_gradient_clipping_with_a_fused_optimizer_under_bf16_mixed(tracking_uri):
     """Lightning raises for clipping + fused AdamW under mixed precision; litlab clips by hand."""
     seen = Seen()
@@ -290,7 +315,7 @@ def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, 
 
     import torchmetrics
 
-    from litlab.module import TrainEpochStats
+    from litlab.epoch_stats import TrainEpochStats
 
     if keep != "logits":
         turns = itertools.cycle([False] if keep == "predictions" else [True, False])
@@ -313,6 +338,32 @@ def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, 
         assert float(mean_loss) == pytest.approx(expected_loss, rel=1e-6)
         stats.reset()
         assert not stats._pending and int(stats.correct) == 0 and int(stats.samples) == 0
+
+
+def test_the_loss_sum_is_the_same_bits_however_the_steps_are_folded():
+    """The CPU path sums the waiting losses at each fold: float32 partial sums, one step at a time,
+    so any grouping (a fold every step, every 7, one at a checkpoint mid-group) gives the same
+    bits, close to torch's own float32 add_ step by step."""
+    from litlab.epoch_stats import TrainEpochStats, float32_running_sum
+
+    g = torch.Generator().manual_seed(3)
+    steps = [(torch.rand((), generator=g) * 4, int(torch.randint(1, 200, (), generator=g))) for _ in range(600)]
+    sums = set()
+    for fold_every, fold_at in [(1, None), (7, None), (256, 100), (1000, 333)]:
+        stats = TrainEpochStats(fold_every=fold_every)
+        for i, (loss, batch) in enumerate(steps):
+            stats.add(loss, torch.zeros(batch, 3), torch.zeros(batch, dtype=torch.long))
+            if i == fold_at:
+                stats.fold()  # as ExactResume does before a checkpoint
+        stats.fold()
+        sums.add(stats.loss_sum.item())
+    assert len(sums) == 1
+    reference = torch.zeros(())
+    for loss, batch in steps:
+        reference.add_(loss, alpha=batch)
+    assert sums.pop() == pytest.approx(reference.item(), rel=1e-6)
+    halves = float32_running_sum(float32_running_sum(0.0, [(1.1, 3)]), [(2.2, 5)])
+    assert halves == float32_running_sum(0.0, [(1.1, 3), (2.2, 5)])
 
 
 def test_a_move_to_where_the_tensors_are_returns_the_result_itself():

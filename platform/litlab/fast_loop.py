@@ -33,33 +33,15 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import lightning
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.core.module import LightningModule
-from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
-from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
-from lightning.pytorch.utilities.combined_loader import _MaxSizeCycle
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-from torch.utils._pytree import LeafSpec
 
+from litlab.lean_plan import lean_plan, supported_version
 from litlab.lightning_speedups import skip_needless_moves
 
-CHECKED_VERSIONS = ("2.5.", "2.6.")
-STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
-              "on_before_optimizer_step", "on_train_batch_end")
-_PRECISION_METHODS = ("convert_input", "pre_backward", "backward", "post_backward", "optimizer_step",
-                      "_wrap_closure", "_after_closure", "_clip_gradients")
-
-
-def supported_version() -> bool:
-    return lightning.__version__.startswith(CHECKED_VERSIONS)
+FX = "_current_fx_name"  # the hook running now, as LightningModule.log reads it
 
 
 def install(trainer) -> bool:
@@ -80,35 +62,6 @@ def _on_device(batch: Any, device: torch.device | None) -> bool:
     """A tuple/list of plain tensors all on `device` (None: never)."""
     return device is not None and type(batch) in (tuple, list) and all(
         type(t) is torch.Tensor and t.device == device for t in batch)
-
-
-def _single_loader_cycle(data_fetcher) -> _MaxSizeCycle | None:
-    """The CombinedLoader's iterator if it cycles one loader (a leaf, not a collection of them) of
-    known length, the training default; else None."""
-    loader = data_fetcher._combined_loader
-    cycle = getattr(loader, "_iterator", None)
-    if (type(cycle) is _MaxSizeCycle and len(cycle.iterators) == 1 and isinstance(loader._spec, LeafSpec)
-            and data_fetcher.length is not None and data_fetcher.iterator is loader):
-        return cycle
-    return None
-
-
-def _idle_per_step(callback: Callback, hook: str) -> bool:
-    """Hooks that do nothing in a training step, left out of it: the on_train_batch_end of a
-    ModelCheckpoint saving neither every n training steps nor every time interval (automatic
-    optimisation), the on_train_batch_start of a LearningRateMonitor logging once an epoch (it
-    only works out whether this is a logging step, then logs nothing)."""
-    if hook == "on_train_batch_end" and isinstance(callback, ModelCheckpoint):
-        return (type(callback).on_train_batch_end is ModelCheckpoint.on_train_batch_end
-                and callback._every_n_train_steps < 1 and callback._train_time_interval is None)
-    if hook == "on_train_batch_start" and isinstance(callback, LearningRateMonitor):
-        return (type(callback).on_train_batch_start is LearningRateMonitor.on_train_batch_start
-                and callback.logging_interval == "epoch")
-    return False
-
-
-def _overrides(obj: Any, base: type, name: str) -> bool:
-    return getattr(type(obj), name, None) is not getattr(base, name, None) or name in vars(obj)
 
 
 class _StepResult:
@@ -138,60 +91,11 @@ class _StepResult:
 class LeanTrainingEpochLoop(_TrainingEpochLoop):
     def on_run_start(self, data_fetcher) -> None:
         super().on_run_start(data_fetcher)
-        self._plan = self._lean_plan(data_fetcher)
+        self._plan = lean_plan(self, data_fetcher)
         if self._plan is not None and type(self.trainer.profiler) is PassThroughProfiler:
             # each fetch would format two action names for a profiler that records nothing
             data_fetcher._start_profiler = data_fetcher._stop_profiler = _nothing
         self.lean_epoch = self._plan is not None  # this epoch's batches take the lean path (kept after it)
-
-    # ---------------------------------------------------------------- when the lean path applies
-    def _lean_plan(self, data_fetcher) -> dict | None:
-        """The per-epoch dispatch tables, or None when the lean path would not compute the same."""
-        trainer = self.trainer
-        module = trainer.lightning_module
-        precision = trainer.precision_plugin
-        plain_precision = all(getattr(type(precision), m) is getattr(Precision, m) for m in _PRECISION_METHODS
-                              if m not in ("convert_input",)) or (
-            type(precision) is MixedPrecision and precision.scaler is None)
-        if not (
-            supported_version()
-            and type(data_fetcher) is _PrefetchDataFetcher
-            and module.automatic_optimization
-            and len(trainer.optimizers) == 1
-            and trainer.accumulate_grad_batches == 1
-            and type(trainer.strategy) is SingleDeviceStrategy
-            and plain_precision
-            and not _overrides(module, LightningModule, "optimizer_step")
-            and not any(_overrides(trainer.strategy, Strategy, h)
-                        for h in ("on_train_batch_start", "pre_backward", "post_backward", "batch_to_device"))
-        ):
-            return None
-        transfer_hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
-        datamodule = getattr(trainer, "datamodule", None)
-        plain_transfer = (
-            getattr(type(precision), "convert_input") is Precision.convert_input
-            and not any(_overrides(module, LightningModule, h) for h in transfer_hooks)
-            and (datamodule is None or not any(_overrides(datamodule, LightningDataModule, h) for h in transfer_hooks)))
-        return {
-            "lm": module,  # trainer.lightning_module: a property chain, otherwise looked up ~10 times a step
-            "val_subloops": any(isinstance(v, _Loop) for v in vars(self.val_loop).values()),
-            "val_epoch": super()._should_check_val_epoch(),
-            "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
-            "cycle": _single_loader_cycle(data_fetcher),
-            "device": trainer.strategy.root_device if plain_transfer else None,
-            "callbacks": {h: [getattr(cb, h) for cb in trainer.callbacks
-                              if _overrides(cb, Callback, h) and not _idle_per_step(cb, h)]
-                          for h in STEP_HOOKS},
-            "module": {h: getattr(module, h) for h in (*STEP_HOOKS, "backward", "optimizer_zero_grad", "lr_scheduler_step",
-                                                       "configure_gradient_clipping")
-                       if _overrides(module, LightningModule, h) or h in ("backward", "optimizer_zero_grad",
-                                                                          "configure_gradient_clipping")},
-            "batch_idx_arg": is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2),
-            # full precision, an uncompiled module, Lightning's own training_step: the strategy's
-            # forward context is a no-op and it calls module.training_step itself
-            "direct_step": (type(precision) is Precision and trainer.strategy.model is module
-                            and type(trainer.strategy).training_step is Strategy.training_step),
-        }
 
     # ---------------------------------------------------------------- dispatch
     def _callbacks(self, hook: str, *args) -> None:
@@ -199,20 +103,20 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         if not fns:
             return
         trainer = self.trainer
-        module = self._plan["lm"]
-        prev, module._current_fx_name = module._current_fx_name, hook
+        module, fx = self._plan["lm"], self._plan["fx"]
+        prev, fx[FX] = fx[FX], hook
         for fn in fns:
             fn(trainer, module, *args)
-        module._current_fx_name = prev
+        fx[FX] = prev
 
     def _module(self, hook: str, *args, **kwargs):
         fn = self._plan["module"].get(hook)
         if fn is None:
             return None
-        module = self._plan["lm"]
-        prev, module._current_fx_name = module._current_fx_name, hook
+        fx = self._plan["fx"]
+        prev, fx[FX] = fx[FX], hook
         out = fn(*args, **kwargs)
-        module._current_fx_name = prev
+        fx[FX] = prev
         return out
 
     # ---------------------------------------------------------------- one batch
@@ -230,9 +134,10 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         if not _on_device(batch, plan["device"]):  # else every transfer step would return the batch as it is
             batch = trainer.precision_plugin.convert_input(batch)
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
-            prev, module._current_fx_name = module._current_fx_name, "batch_to_device"
+            fx = plan["fx"]
+            prev, fx[FX] = fx[FX], "batch_to_device"
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-            module._current_fx_name = prev
+            fx[FX] = prev
         self.batch_progress.increment_ready()
         self._connector_batch_start(batch)
 
@@ -339,14 +244,13 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         """update_lr_schedulers(interval, update_plateau_schedulers=False) without accumulation:
         each non-plateau scheduler of this interval whose frequency divides the batch (or epoch)
         number steps, through the module's lr_scheduler_step if it has one."""
-        trainer = self.trainer
-        configs = trainer.lr_scheduler_configs
+        configs = self._plan["schedulers"][interval]
         if not configs:
             return
-        current = (self.batch_idx if interval == "step" else trainer.current_epoch) + 1
+        current = (self.batch_idx if interval == "step" else self.trainer.current_epoch) + 1
         hook = self._plan["module"].get("lr_scheduler_step")  # only if the module overrides it
         for config in configs:
-            if config.reduce_on_plateau or config.interval != interval or current % config.frequency:
+            if current % config.frequency:
                 continue
             self.scheduler_progress.increment_ready()
             if hook is None:
@@ -379,14 +283,14 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     def _closure(self, optimizer, batch_idx: int, kwargs: OrderedDict) -> _StepResult:
         """training_step, zero_grad, backward: what Lightning's Closure runs inside optimizer.step."""
         trainer = self.trainer
-        module = self._plan["lm"]
+        module, fx = self._plan["lm"], self._plan["fx"]
         strategy = trainer.strategy
-        prev, module._current_fx_name = module._current_fx_name, "training_step"
+        prev, fx[FX] = fx[FX], "training_step"
         if self._plan["direct_step"]:  # Strategy.training_step with nothing around the module's
             output = module.training_step(*kwargs.values())
         else:
             output = strategy.training_step(*kwargs.values())
-        module._current_fx_name = prev
+        fx[FX] = prev
         strategy.post_training_step()
         result = _StepResult.of(output)
         if result.closure_loss is None:
@@ -407,12 +311,12 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Strategy.backward -> Precision.pre_backward / backward / post_backward, unrolled."""
-        module = self._plan["lm"]
-        prev, module._current_fx_name = module._current_fx_name, "backward"
+        module, fx = self._plan["lm"], self._plan["fx"]
+        prev, fx[FX] = fx[FX], "backward"
         self._callbacks("on_before_backward", loss)
         self._module("on_before_backward", loss)
-        module._current_fx_name = "backward"
+        fx[FX] = "backward"
         module.backward(loss)
         self._callbacks("on_after_backward")
         self._module("on_after_backward")
-        module._current_fx_name = prev
+        fx[FX] = prev

@@ -51,6 +51,11 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
         self._batches = 0  # training batches seen: a poll every check_every of them
 
+    @property
+    def idle_step_hooks(self) -> tuple[str, ...]:
+        """Hooks that return at once in this mode (litlab.fast_loop leaves them out of each step)."""
+        return () if self.skip else ("on_before_optimizer_step",)
+
     # every backward pass -----------------------------------------------------------------------
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not self.skip:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.trainer.states import RunningStage
 
+from litlab.epoch_stats import EpochValue, TrainEpochStats
+
 
 class LitlabModule(L.LightningModule):
     optim_config: Any = None  # litlab.config.OptimConfig, set by the runner before fit
@@ -32,6 +34,8 @@ class LitlabModule(L.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    __setattr__.plain_fx_name = True  # litlab.fast_loop may set _current_fx_name in the instance dict
 
     def is_logging_step(self) -> bool:
         """True in a training step whose on_step values Lightning sends to the loggers (every
@@ -134,120 +138,6 @@ class AccuracyWithConfusion(torchmetrics.classification.MulticlassConfusionMatri
         """The confusion matrix (K, K) summed over all ranks (every rank must call this)."""
         with self.sync_context():
             return self.confmat.clone()
-
-
-class TrainEpochStats(torchmetrics.Metric):
-    """The training epoch's running sums on the device, for train/loss_epoch and train/acc.
-
-    `add(loss, logits, target)` is what a training step pays: one kernel on a CPU (the loss added
-    to its running sum), two on a GPU (and the argmax: a CUDA-graph output, compile_mode=
-    reduce-overhead, is overwritten by the next replay, so the logits themselves are not kept
-    there); no host sync, no validation, no self.log. The step's logits (or predictions) and
-    targets wait in a short list (references, no copy) and are compared and counted every
-    `fold_every` steps, or sooner once they hold `fold_elements` elements (big outputs are not kept
-    alive): one cat, argmax, == and sum for the whole group (integer counts: exact in any
-    grouping). The loss is summed step by step, in order, so that a run resumed mid-epoch
-    (ExactResume saves these states) adds the same floats in the same order as the uninterrupted one.
-    `epoch_values()` -> (mean loss weighted by batch size, micro accuracy), as Lightning's on_epoch
-    mean and MulticlassAccuracy gave them, summed over DDP ranks."""
-
-    full_state_update = False
-
-    def __init__(self, fold_every: int = 256, fold_elements: int = 1 << 22):
-        super().__init__()
-        self.fold_every, self.fold_elements = fold_every, fold_elements
-        self.add_state("loss_sum", torch.zeros(()), dist_reduce_fx="sum")  # sum of loss x batch size
-        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # batch sizes
-        self.add_state("targets", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")  # labels compared
-        # (logits (B, K, ...) or their argmax (B, ...), target (B, ...))
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._pending_elements = 0
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """loss (), logits (B, K, ...), target (B, ...) class indices."""
-        self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
-        kept = logits.detach() if self.keeps_logits(logits) else logits.detach().argmax(1)
-        self._pending.append((kept, target))
-        self._pending_elements += kept.numel()
-        # plain attributes, set past nn.Module.__setattr__'s parameter/buffer/submodule checks
-        self.__dict__["_update_count"] += 1
-        self.__dict__["_computed"] = None
-        if len(self._pending) >= self.fold_every or self._pending_elements >= self.fold_elements:
-            self.fold()
-
-    update = add
-
-    @staticmethod
-    def keeps_logits(logits: torch.Tensor) -> bool:
-        """Keep the logits themselves until the fold (CPU), or take the argmax at once (GPU)."""
-        return not logits.is_cuda
-
-    def fold(self) -> None:
-        """Count the waiting comparisons into the states (a few kernels for up to fold_every steps)."""
-        if not self._pending:
-            return
-        pending, self._pending, self._pending_elements = self._pending, [], 0
-        if len({(kept.dim() - t.dim(), kept.shape[1:], kept.dtype) for kept, t in pending}) == 1:
-            kept, targets = torch.cat([k for k, _ in pending]), torch.cat([t for _, t in pending])
-            hits = _predictions(kept, targets) == targets  # one cat (and argmax) for the group
-        else:  # shapes differ (e.g. sequence lengths): step by step
-            hits = torch.cat([(_predictions(kept, t) == t).reshape(-1) for kept, t in pending])
-        self.correct += hits.sum()
-        self.samples += sum(t.shape[0] for _, t in pending)
-        self.targets += sum(t.numel() for _, t in pending)
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._values()
-
-    def _values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loss_sum / self.samples.clamp_min(1), self.correct.float() / self.targets.clamp_min(1)
-
-    def epoch_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.fold()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return self.compute()  # torchmetrics' wrapper: the states summed over the ranks first
-        return self._values()  # one process: without the wrapper's sync and cache bookkeeping
-
-    def reset(self) -> None:
-        super().reset()
-        self._pending, self._pending_elements = [], 0
-
-
-def _predictions(kept: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The class indices of what TrainEpochStats kept: logits (B, K, ...) -> argmax over K."""
-    return kept if kept.dim() == target.dim() else kept.argmax(1)
-
-
-class EpochValue(torchmetrics.Metric):
-    """One of a TrainEpochStats' epoch values (0: mean loss, 1: accuracy) as a Metric that
-    Lightning can log once an epoch: it has no state of its own, counts the stats' updates as its
-    own, computes from the stats and resets them (Lightning resets logged metrics at epoch end)."""
-
-    full_state_update = False
-
-    def __init__(self, stats: TrainEpochStats, index: int):
-        super().__init__(sync_on_compute=False)  # the stats sum their own states over the ranks
-        self._source, self.index = (stats,), index  # a reference, not a submodule
-
-    @property
-    def _update_count(self) -> int:
-        return self._source[0]._update_count if "_source" in self.__dict__ else 0
-
-    @_update_count.setter
-    def _update_count(self, value: int) -> None:
-        pass  # counted by the stats
-
-    def update(self, *args, **kwargs) -> None:
-        raise RuntimeError("an EpochValue is updated through its TrainEpochStats")
-
-    def compute(self) -> torch.Tensor:
-        return self._source[0].epoch_values()[self.index]
-
-    def reset(self) -> None:
-        super().reset()
-        if self._source[0].update_called:
-            self._source[0].reset()
 
 
 def class_names(datamodule, num_classes: int) -> list[str]:
