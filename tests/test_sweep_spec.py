@@ -20,6 +20,7 @@ from litlab.config import parse_override
 from litlab.errors import ConfigError, UserError
 from litlab.runner import load_config
 from litlab.sweep import spec as sp
+from litlab.sweep.values import canon
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -264,7 +265,7 @@ def test_list_choices_go_through_optuna_as_json_and_decode(tmp_path):
 def test_to_overrides_round_trips_through_parse_override(value):
     [text] = sp.to_overrides({"model.x": value})
     key, back = parse_override(text)
-    assert key == "model.x" and sp._canon(back) == sp._canon(value) and type(back) is type(value), text
+    assert key == "model.x" and canon(back) == canon(value) and type(back) is type(value), text
     assert "\n" not in text
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import optuna
-import yaml
 
 from litlab.config import _did_you_mean, _yaml_load, flatten, parse_override
 from litlab.errors import ConfigError, UserError
 from litlab.schema import Range, check
+from litlab.sweep.values import canon, format_value, tidy, to_overrides
 
 KEYS = ("name", "experiment", "overrides", "metric", "direction", "n_trials", "timeout", "sampler", "pruner",
         "storage", "heartbeat_interval", "grace_period", "max_retries", "space")
@@ -37,11 +37,6 @@ NEEDS = {"cmaes": ("cmaes",), "gp": ("scipy", "torch"), "qmc": ("scipy",)}  # pa
 DIRECTIONS = {"maximize": "maximize", "max": "maximize", "minimize": "minimize", "min": "minimize"}
 PARAM_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"), "categorical": ("choices",)}
 Positive = Annotated[float, Range(gt=0)]
-
-
-def _canon(v: Any) -> str:
-    """Identity of a value that tells 1, 1.0 and true apart (== does not)."""
-    return json.dumps(v, sort_keys=True)
 
 
 @dataclass
@@ -56,14 +51,14 @@ class ParamSpec:
     when: dict[str, list] = field(default_factory=dict)  # parent key -> values that make this param active
 
     def active(self, values: dict[str, Any]) -> bool:
-        return all(p in values and _canon(values[p]) in map(_canon, vs) for p, vs in self.when.items())
+        return all(p in values and canon(values[p]) in map(canon, vs) for p, vs in self.when.items())
 
     def encoded_choices(self) -> list:
         """Optuna stores only None/bool/int/float/str choices: lists and mappings go as JSON strings."""
         return [c if isinstance(c, (str, int, float, bool, type(None))) else json.dumps(c) for c in self.choices or []]
 
     def decode(self, raw: Any) -> Any:
-        return next(c for c, e in zip(self.choices, self.encoded_choices()) if _canon(e) == _canon(raw))
+        return next(c for c, e in zip(self.choices, self.encoded_choices()) if canon(e) == canon(raw))
 
     def typical(self) -> Any:
         """A value inside the range (or the first choice): what the other params take while one is checked."""
@@ -71,7 +66,7 @@ class ParamSpec:
             return self.choices[0]
         mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
         mid = self.low + round((mid - self.low) / self.step) * self.step if self.step else mid
-        return round(mid) if self.type == "int" else _tidy(mid)
+        return round(mid) if self.type == "int" else tidy(mid)
 
     def to_dict(self) -> dict[str, Any]:
         keep = ("choices",) if self.type == "categorical" else ("low", "high", "log", "step")
@@ -263,14 +258,14 @@ def _param(key: str, body: Any, earlier: dict[str, ParamSpec], all_keys: list[st
         if earlier[parent].type != "categorical":
             raise ConfigError(f"{at}.when.{parent}", f"can only test a categorical param, not {earlier[parent].type}")
         for v in values:
-            if _canon(v) not in map(_canon, earlier[parent].choices):
+            if canon(v) not in map(canon, earlier[parent].choices):
                 raise ConfigError(f"{at}.when.{parent}", f"{v!r} is not among its choices: "
-                                                         f"{', '.join(map(_fmt, earlier[parent].choices))}")
+                                                         f"{', '.join(map(format_value, earlier[parent].choices))}")
     if kind == "categorical":
         p = ParamSpec(key, kind, choices=body.get("choices"), when=when)
         if not isinstance(p.choices, list) or not p.choices:
             raise ConfigError(f"{at}.choices", f"needs a non-empty list of values, got {p.choices!r}")
-        if len(set(map(_canon, p.encoded_choices()))) < len(p.choices):
+        if len(set(map(canon, p.encoded_choices()))) < len(p.choices):
             raise ConfigError(f"{at}.choices", "has duplicates (a list choice counts as its JSON string)")
         return p
     num = int if kind == "int" else float
@@ -290,7 +285,7 @@ def _param(key: str, body: Any, earlier: dict[str, ParamSpec], all_keys: list[st
         raise ConfigError(f"{at}.step", "cannot be combined with log: true (Optuna samples on a log scale or a grid)")
     n = (p.high - p.low) / step if step and step > 0 else 1
     if step is not None and (step <= 0 or abs(n - round(n)) > 1e-9 * n):
-        raise ConfigError(f"{at}.step", f"{step} must be > 0 and divide high - low = {_tidy(p.high - p.low)}")
+        raise ConfigError(f"{at}.step", f"{step} must be > 0 and divide high - low = {tidy(p.high - p.low)}")
     return p
 
 
@@ -306,8 +301,8 @@ def _check_against_experiment(spec: SweepSpec) -> None:
     for p in spec.space:
         if p.key in fixed:
             raise ConfigError(f"space.{p.key}", "is also set in overrides: remove one of them")
-        labelled = [(f"choice {_fmt(c)}", c) for c in p.choices] if p.type == "categorical" else \
-            [(f"low={_fmt(p.low)}", p.low), (f"high={_fmt(p.high)}", p.high)]
+        labelled = [(f"choice {format_value(c)}", c) for c in p.choices] if p.type == "categorical" else \
+            [(f"low={format_value(p.low)}", p.low), (f"high={format_value(p.high)}", p.high)]
         for label, v in labelled:
             pinned, todo = {p.key: v}, [p]
             while todo:  # give every ancestor a value that activates its child
@@ -321,7 +316,7 @@ def _check_against_experiment(spec: SweepSpec) -> None:
                     values[q.key] = pinned.get(q.key, q.typical())
             if p.key not in values:
                 raise ConfigError(f"space.{p.key}", "can never be active: its when conditions (and its parents') contradict")
-            label += "".join(f" (with {k}={_fmt(x)})" for k, x in pinned.items() if k != p.key)
+            label += "".join(f" (with {k}={format_value(x)})" for k, x in pinned.items() if k != p.key)
             _try(spec, base + to_overrides(values), f"space.{p.key}", f"{label} is invalid for {spec.experiment.name}")
 
 
@@ -373,7 +368,7 @@ def grid_space(spec: SweepSpec) -> dict[str, list]:
         if p.type == "float" and not p.step:
             raise ConfigError(f"space.{p.key}", "the grid sampler needs discrete params: give this float a step")
         out[p.key] = p.encoded_choices() if p.type == "categorical" else list(range(p.low, p.high + 1, p.step or 1)) \
-            if p.type == "int" else [_tidy(p.low + i * p.step) for i in range(round((p.high - p.low) / p.step) + 1)]
+            if p.type == "int" else [tidy(p.low + i * p.step) for i in range(round((p.high - p.low) / p.step) + 1)]
     return out
 
 
@@ -405,32 +400,3 @@ def objective_overrides(spec: SweepSpec) -> list[str]:
     mode = {} if "callbacks.checkpoint.mode" in fixed else \
         {"callbacks.checkpoint.mode": "max" if spec.directions[0] == "maximize" else "min"}
     return to_overrides({"callbacks.checkpoint.monitor": metric, **mode})
-
-
-# ------------------------------------------------------------------------------------ values as overrides
-def to_overrides(params: dict[str, Any]) -> list[str]:
-    """{dotted key: value} -> ["key=value", ...] that config.parse_override reads back identically."""
-    return [f"{k}={_fmt(v)}" for k, v in params.items()]
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float) and not math.isfinite(v):
-        return ".nan" if math.isnan(v) else (".inf" if v > 0 else "-.inf")
-    if isinstance(v, (bool, type(None))):
-        text = {True: "true", False: "false", None: "null"}[v]
-    elif isinstance(v, (int, float, str)):  # repr: the shortest exact float; strings plain if YAML agrees
-        text = v if isinstance(v, str) else repr(v)
-    else:  # lists and mappings as YAML flow: [128, 64]
-        text = yaml.safe_dump(json.loads(json.dumps(v)), default_flow_style=True, width=math.inf).strip()
-    for candidate in (text, json.dumps(v)):  # else quoted: "true", "1e-3", "a: b", ...
-        try:
-            if _canon(parse_override(f"x={candidate}")[1]) == _canon(v):
-                return candidate
-        except (UserError, TypeError):
-            pass
-    raise ValueError(f"cannot write {v!r} as an override value")
-
-
-def _tidy(x: float) -> float:
-    """0.30000000000000004 -> 0.3: grid and midpoint values as a person would write them."""
-    return float(f"{x:.12g}")
