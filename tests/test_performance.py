@@ -81,7 +81,10 @@ def _history(uri: str, run_id: str) -> dict:
       "callbacks.checkpoint.every_n_train_steps=7", "trainer.limit_train_batches=17"], False),
     (["trainer.skip_nonfinite=true", "trainer.precision=bf16-mixed", "trainer.val_check_interval=0.5",
       "optim.name=sgd", "optim.momentum=0.9", "trainer.log_every_n_steps=1"], True),
-], ids=["dropout-augment-clip", "skip-bf16-sgd-steplog"])
+    (["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "trainer.val_check_interval=0.25",
+      "callbacks.early_stopping.enabled=true", "callbacks.early_stopping.patience=1",
+      "callbacks.early_stopping.min_delta=10"], False),
+], ids=["dropout-augment-clip", "skip-bf16-sgd-steplog", "val-every-2-epochs-early-stop"])
 def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra, log_step):
     out = {}
     for fast in (True, False):
@@ -100,6 +103,8 @@ def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra,
         assert _equal(fast_ckpt[key], slow_ckpt[key]), key
     assert fast_hist == slow_hist and fast_test == slow_test
     assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "epoch"} <= set(fast_hist)
+    if "callbacks.early_stopping.enabled=true" in extra:  # stopped in mid-epoch, by should_stop
+        assert fast_ckpt["epoch"] < 3
     if log_step:  # values logged on_step reach the loggers and the progress bar at every step
         assert {"seen/loss_step", "seen/loss_epoch"} <= set(fast_hist)
         assert all("seen/loss_step" in pbar for _, pbar, _ in fast_dicts[1:])

@@ -228,6 +228,27 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             return plan["val_epoch"]
         return super()._should_check_val_epoch()
 
+    def on_advance_end(self, data_fetcher) -> None:
+        plan = getattr(self, "_plan", None)
+        if plan is not None and self._only_counts_the_batch(plan):
+            self._batches_that_stepped += 1  # all Lightning's on_advance_end would do after this batch
+            return
+        super().on_advance_end(data_fetcher)
+
+    def _only_counts_the_batch(self, plan: dict) -> bool:
+        """After a batch that is not the epoch's last: no validation now (not this epoch, or not
+        this batch of a batch-based check), no plateau scheduler, no stop or SIGTERM asked, no
+        skipped validation to clear; then on_advance_end only counts the stepped batch (the lean
+        plan has no gradient accumulation)."""
+        trainer = self.trainer
+        if (self._skip_next_val or plan["plateau"] or trainer.should_stop or self.batch_progress.is_last_batch
+                or trainer.received_sigterm):
+            return False
+        if not plan["val_epoch"]:
+            return True
+        every = plan["val_every_batch"]
+        return every is not None and (self.batch_idx + 1) % every != 0
+
     def update_lr_schedulers(self, interval: str, update_plateau_schedulers: bool) -> None:
         plan = getattr(self, "_plan", None)
         if plan is not None and update_plateau_schedulers and not plan["plateau"]:

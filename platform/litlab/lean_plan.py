@@ -121,6 +121,10 @@ def lean_plan(loop: _TrainingEpochLoop, data_fetcher) -> dict | None:
         "fx": fx_names(module),
         "val_subloops": any(isinstance(v, _Loop) for v in vars(loop.val_loop).values()),
         "val_epoch": _TrainingEpochLoop._should_check_val_epoch(loop),
+        # validation every n batches of the epoch (Lightning's batch-based check), else None
+        "val_every_batch": (trainer.val_check_batch if trainer.check_val_every_n_epoch is not None
+                            and getattr(trainer, "_val_check_time_interval", None) is None
+                            and type(trainer.val_check_batch) is int else None),
         "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
         "schedulers": {interval: [c for c in trainer.lr_scheduler_configs
                                   if not c.reduce_on_plateau and c.interval == interval]
