@@ -16,9 +16,10 @@ the same batch in the same order of hooks, with the same arguments and the same
 
 but calls only the callbacks that override each hook, directly (leaving out the hooks that would
 return at once), updates the logger connector's dicts only when a value was logged on_step (else
-they would be updated with nothing), and answers once an epoch what Lightning asks after every
-batch and cannot change within an epoch (validate this epoch? is there a plateau scheduler?).
-It takes this path only where it is the same computation: automatic optimisation with one
+they would be updated with nothing), answers once an epoch what Lightning asks after every
+batch and cannot change within an epoch (validate this epoch, every how many batches? is there a
+plateau scheduler?), and after a batch that needs nothing more only counts it (on_advance_end).
+It takes this path (litlab.lean_plan) only where it is the same computation: automatic optimisation with one
 optimiser, no gradient accumulation, one device (SingleDeviceStrategy), a precision plugin whose
 backward/step are Lightning's plain ones (32, 64, bf16-mixed, 16-true; not 16-mixed with its grad
 scaler), a module that does not override optimizer_step, no dataloader_iter training_step, not
