@@ -53,8 +53,7 @@ class TrainEpochStats(torchmetrics.Metric):
             self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
         kept = logits.detach() if self.keeps_logits(logits) else logits.detach().argmax(1)
         self._pending.append((kept, target))
-        # plain attributes, set past nn.Module.__setattr__ (its parameter/buffer/submodule checks
-        # cost more than the rest of this method together)
+        # plain numbers, set past nn.Module.__setattr__'s parameter/buffer/submodule checks
         state = self.__dict__
         state["_pending_elements"] += kept.numel()
         state["_update_count"] += 1
