@@ -378,7 +378,7 @@ def device_name(device: torch.device) -> str:
 def startup_time(args) -> dict:
     """Seconds from launching `litlab run` (a new process) to its first training step, and of
     `litlab --help` and `litlab models`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "platform"), os.environ.get("PYTHONPATH")]))}
     out = {}
     for name, cmd in (("help", ["--help"]), ("models", ["models"])):
         t0 = time.perf_counter()

@@ -27,6 +27,27 @@ def test_user_error_in_a_real_process_is_one_line_exit_2(tmp_path):
     assert lines == ["litlab run: error: optim.lr: expected a number, got 'banana'"], proc.stderr
 
 
+def test_a_missing_dependency_is_one_line_naming_the_package(tmp_path):
+    """mlflow not installed (as on a bare GPU image): `litlab run` says which package and how to
+    do without it, exit 2, no traceback; an import error of anything else is not hidden."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+    from litlab.cli import _missing_dependency
+
+    without_mlflow = "import sys; sys.modules['mlflow'] = None; from litlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", without_mlflow, "run", str(MLP_DIGITS), *QUICK], cwd=tmp_path,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "litlab run: error: this needs the Python package 'mlflow', which is not installed: "
+        "pip install mlflow (or run untracked: tracking.mlflow=false)"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _missing_dependency(ModuleNotFoundError(name="torch_geometric.data")) == "torch-geometric"
+    assert _missing_dependency(ModuleNotFoundError(name="litlab.no_such_module")) is None
+
+
 def test_models_lists_every_model_with_chapter(capsys):
     from litlab import registry
 

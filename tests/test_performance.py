@@ -298,18 +298,6 @@ def test_mlp_step_throughput_is_close_to_a_hand_written_loop(tmp_path, monkeypat
     assert ratio >= 0.35, rates
 
 
-def test_every_benchmark_config_validates():
-    """benchmarks/throughput.py's configs (the GPU ones included) load, so a scarce GPU run never
-    dies on a config error; `SMOKE=1 bash benchmarks/gpu_all.sh` runs them at tiny sizes."""
-    import throughput as tp
-
-    tp.register_bench_data()
-    for smoke in (True, False):
-        for bench in tp.benches(smoke=smoke, epochs=None).values():
-            source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
-            runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])
-
-
 @pytest.mark.parametrize("keep", ["logits", "predictions", "both"])
 @pytest.mark.parametrize("fold_every, fold_elements", [(256, 1 << 22), (3, 1 << 22), (256, 100)])
 def test_train_epoch_stats_are_the_reference_mean_loss_and_accuracy(fold_every, fold_elements, keep, monkeypatch):

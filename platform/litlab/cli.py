@@ -164,6 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"litlab {args.command}: training diverged: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        package = _missing_dependency(e)
+        if package is None:
+            raise  # not one of litlab's dependencies: a bug, shown whole
+        hint = " (or run untracked: tracking.mlflow=false)" if package == "mlflow" else ""
+        print(f"litlab {args.command}: error: this needs the Python package {package!r}, which is not installed: "
+              f"pip install {package}{hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# litlab's third-party dependencies (pyproject.toml) by top-level module: a missing one is named in
+# one line with its pip name, instead of a traceback
+DEPENDENCIES = {"mlflow": "mlflow", "optuna": "optuna", "datasets": "datasets", "wandb": "wandb",
+                "gymnasium": "gymnasium", "pygame": "pygame", "torch_geometric": "torch-geometric",
+                "sklearn": "scikit-learn", "torchmetrics": "torchmetrics", "lightning": "lightning", "yaml": "pyyaml",
+                "rich": "rich", "matplotlib": "matplotlib", "networkx": "networkx", "psutil": "psutil",
+                "PIL": "pillow", "plotly": "plotly", "cmaes": "cmaes", "psycopg2": "psycopg2-binary",
+                "pycocotools": "pycocotools"}
+
+
+def _missing_dependency(error: ModuleNotFoundError) -> str | None:
+    """The pip name of the litlab dependency whose import failed, or None."""
+    module = (error.name or "").split(".")[0]
+    return DEPENDENCIES.get(module)
 
 
 def _quiet_libraries() -> None:

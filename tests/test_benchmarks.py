@@ -1,0 +1,43 @@
+"""The benchmark scripts a scarce GPU session runs: their configs load and, at tiny sizes on a CPU,
+every code path runs (benchmarks/gpu_session.sh -> gpu_all.sh -> throughput.py, then the GPU tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, cli_env
+from litlab import runner
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_every_benchmark_config_validates():
+    """benchmarks/throughput.py's configs (the GPU ones included) load, so a scarce GPU run never
+    dies on a config error; `SMOKE=1 bash benchmarks/gpu_all.sh` runs them at tiny sizes."""
+    import throughput as tp
+
+    tp.register_bench_data()
+    for smoke in (True, False):
+        for bench in tp.benches(smoke=smoke, epochs=None).values():
+            source = bench.source if isinstance(bench.source, dict) else str(REPO / bench.source)
+            runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])
+
+
+@pytest.mark.slow
+def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
+    """benchmarks/gpu_session.sh (what a scarce GPU session runs) at tiny sizes on this CPU: every
+    benchmark row and the start-up times land in gpu.md, the GPU tests' log in gpu_tests.log."""
+    out = tmp_path / "out"
+    env = {**cli_env(), "SMOKE": "1", "TEST_S": "120", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (out / "gpu.md").read_text()
+    for row in ("| resnet18 | default", "| resnet18 | notrack", "| gpt2 | default", "| gpt2 | compile"):
+        assert row in table, table
+    assert "first training step nan" not in table and "first training step" in table
+    log = (out / "gpu_tests.log").read_text()
+    assert "test_classifier_learns_under_cuda_graphs" in log and " failed" not in log, log[-2000:]
