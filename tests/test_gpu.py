@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import EXPERIMENTS
+from helpers import EXPERIMENTS, MLP_DIGITS
 from litlab import runner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,8 +25,6 @@ GPU = ["trainer.accelerator=gpu", "trainer.devices=1", "tracking.system_metrics=
 def test_classifier_learns_under_cuda_graphs(tracking_uri):
     """trainer.compile_mode=reduce-overhead (CUDA graphs): the graph's outputs are overwritten by
     the next replay, so nothing may keep the logits across steps (TrainEpochStats keeps the argmax)."""
-    from helpers import MLP_DIGITS
-
     result = runner.run(MLP_DIGITS, [*GPU, "trainer.compile=true", "trainer.compile_mode=reduce-overhead",
                                      "trainer.max_epochs=3"], tracking_uri=tracking_uri)
     assert result.status == "FINISHED"
