@@ -78,7 +78,7 @@ def _history(uri: str, run_id: str) -> dict:
 
 @pytest.mark.parametrize("extra, log_step", [
     (["model.dropout=0.2", "data.augment=true", "trainer.gradient_clip_val=0.5", "trainer.log_every_n_steps=3",
-      "callbacks.checkpoint.every_n_train_steps=7", "trainer.limit_train_batches=17"], False),
+      "callbacks.checkpoint.every_n_train_steps=7", "trainer.limit_train_batches=17", "trainer.max_steps=30"], False),
     (["trainer.skip_nonfinite=true", "trainer.precision=bf16-mixed", "trainer.val_check_interval=0.5",
       "optim.name=sgd", "optim.momentum=0.9", "trainer.log_every_n_steps=1"], True),
     (["trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "trainer.val_check_interval=0.25",
@@ -96,6 +96,8 @@ def test_fast_loop_trains_bit_for_bit_what_lightning_trains(tracking_uri, extra,
         assert all(seen.unrolled_fetch) == fast  # with its unrolled fetch of the one training loader
         ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
         out[fast] = ckpt, _history(tracking_uri, result.run_id), result.metrics, seen.step_dicts
+        if "trainer.max_steps=30" in extra:  # stopped in mid-epoch by max_steps, after its 30th batch
+            assert len(seen.grad_norms) == 30
     (fast_ckpt, fast_hist, fast_test, fast_dicts), (slow_ckpt, slow_hist, slow_test, slow_dicts) = out[True], out[False]
     assert fast_dicts == slow_dicts  # logged, progress-bar and callback metrics after every step
     assert any("train/loss" in callback for _, _, callback in fast_dicts)

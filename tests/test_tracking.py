@@ -77,3 +77,26 @@ def test_tracking_disabled_still_checkpoints(tracking_uri, tmp_path):
     result = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.mlflow=false"], tracking_uri=tracking_uri)
     assert result.status == "FINISHED" and result.best_checkpoint
     assert not all_runs(tracking_uri)
+
+
+def test_the_journal_lines_are_what_json_dumps_writes_and_read_back(tmp_path):
+    """The spool formats its lines itself (at every logging step): each is json.dumps of the
+    point, non-finite values and names that need escaping included, and reads back as written."""
+    import json
+    import math
+
+    from litlab.spool import MetricSpool
+
+    points = [("train/loss_step", 0.1, 1700000000123, 0), ('odd "name" \u00e9\\', -0.0, 1, 2),
+              ("x", float("nan"), 3, 4), ("x", float("inf"), 3, 5), ("x", float("-inf"), 3, 6),
+              ("z", 5e-324, 1, 7), ("z", 1e22, 1, 8), ("z", 1 / 3, 1, 9), ("epoch", 3, 1, 10)]
+    spool = MetricSpool(tmp_path, "run")
+    spool.append(points[:3])
+    spool.append(points[3:])
+    spool.close()
+    lines = spool.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert lines == [json.dumps([k, float(v), t, s]) + "\n" for k, v, t, s in points]
+    (read, end), = spool.unsent_batches()
+    assert end == spool.path.stat().st_size
+    for (k, v, t, s), (k2, v2, t2, s2) in zip(points, read, strict=True):
+        assert (k, t, s) == (k2, t2, s2) and (math.isnan(v2) if v != v else (v2 == v and math.copysign(1, v2) == math.copysign(1, v)))

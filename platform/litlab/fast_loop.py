@@ -123,7 +123,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
     # ---------------------------------------------------------------- one batch
     def advance(self, data_fetcher) -> None:
         plan = getattr(self, "_plan", None)
-        if plan is None or self.restarting:
+        if plan is None or self._restarting:
             return super().advance(data_fetcher)
         if plan["val_subloops"] or self.val_loop._restarting:
             self.val_loop.restarting = False  # the setter walks every attribute for sub-loops
@@ -161,7 +161,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
 
         self.batch_progress.increment_processed()
         self._step_schedulers("step")
-        if self._num_ready_batches_reached():
+        if self._ready_batches_reached(plan):
             self._step_schedulers("epoch")
         if skip_rest_of_epoch:
             raise StopIteration
@@ -228,6 +228,24 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         if plan is not None:
             return plan["val_epoch"]
         return super()._should_check_val_epoch()
+
+    def _ready_batches_reached(self, plan: dict) -> bool:
+        """_num_ready_batches_reached() with the epoch's batch count from the plan."""
+        progress = self.batch_progress
+        return progress.is_last_batch or progress.current.ready == plan["num_batches"]
+
+    @property
+    def done(self) -> bool:
+        """Lightning's `done`, asked before every batch: while the lean plan runs and nothing asks
+        to stop or restart (validation is then done), whether training is: the epoch's last batch
+        is ready or max_steps (optimizer steps: automatic optimisation) reached."""
+        plan = getattr(self, "_plan", None)
+        if plan is None or self._restarting or self.trainer.should_stop:
+            return _TrainingEpochLoop.done.fget(self)
+        if self._ready_batches_reached(plan):
+            return True
+        max_steps = self.max_steps
+        return max_steps != -1 and self.automatic_optimization.optim_progress.optimizer_steps >= max_steps
 
     def on_advance_end(self, data_fetcher) -> None:
         plan = getattr(self, "_plan", None)

@@ -70,7 +70,7 @@ class NonFiniteGuard(Callback):
         if not self._losses:
             return
         losses, self._losses = self._losses, []
-        if all(loss.device.type == "cpu" for loss in losses):
+        if all(loss.is_cpu for loss in losses):
             if not all(math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
                        for loss in losses):
                 self._flag = torch.tensor(float("nan"))

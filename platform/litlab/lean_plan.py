@@ -125,6 +125,7 @@ def lean_plan(loop: _TrainingEpochLoop, data_fetcher) -> dict | None:
         "val_every_batch": (trainer.val_check_batch if trainer.check_val_every_n_epoch is not None
                             and getattr(trainer, "_val_check_time_interval", None) is None
                             and type(trainer.val_check_batch) is int else None),
+        "num_batches": trainer.num_training_batches,  # set for the epoch before it runs (fit_loop.setup_data)
         "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
         "schedulers": {interval: [c for c in trainer.lr_scheduler_configs
                                   if not c.reduce_on_plateau and c.interval == interval]

@@ -243,7 +243,7 @@ class MlflowTracker(Logger):
         tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
         numbers = {k: v for k, v in metrics.items() if k not in tensors}
         host, copied = None, None
-        if tensors and not self._in_flight and all(v.device.type == "cpu" for v in tensors.values()):
+        if tensors and not self._in_flight and all(v.is_cpu for v in tensors.values()):
             # host tensors: read now (no device to wait for), journaled in this call
             self._journal({**{k: v.item() for k, v in tensors.items()}, **numbers}, step, now)
             return

@@ -216,8 +216,9 @@ class FastResumableLoader(ResumableLoader):
         seeds = not tensors or self.dataset.transform is not None
         plain = tensors and type(self.dataset).__getitems__ is TensorBatchDataset.__getitems__
         if plain and self.dataset.nbytes <= EPOCH_GATHER_MAX_BYTES and not pin:
+            state = vars(self)  # _consumed without DataLoader.__setattr__'s checks (a batch counter)
             for batch in gathered_batches(self.dataset, self.batch_sampler, seeds):
-                self._consumed += 1
+                state["_consumed"] += 1
                 yield self.collate_fn(batch)
             return
         for idx in index_batches(self.batch_sampler, device, seeds):
