@@ -120,16 +120,24 @@ def test_fast_loop_stands_aside_where_it_would_compute_differently(tracking_uri)
 
 
 def test_idle_hooks_are_left_out_and_the_hook_name_is_set_where_setattr_would_set_it():
-    """The guard's on_before_optimizer_step does nothing unless it skips batches: left out of the
-    lean step then, kept otherwise. `_current_fx_name` goes to the instance dict for nn.Module's
+    """The guard's on_before_optimizer_step does nothing unless it skips batches, and the exact
+    resume's on_train_batch_start once no restored state waits: left out of the lean step then,
+    kept otherwise. `_current_fx_name` goes to the instance dict for nn.Module's
     __setattr__ and litlab's (which says it is the same for that name), through any other."""
     from litlab.lean_plan import FxNameSetter, fx_names, idle_per_step
     from litlab.guards import NonFiniteGuard
     from litlab.module import ClassifierModule
+    from litlab.resume_state import KEY, ExactResume
 
     assert idle_per_step(NonFiniteGuard(skip=False), "on_before_optimizer_step")
     assert not idle_per_step(NonFiniteGuard(skip=True), "on_before_optimizer_step")
     assert not any(idle_per_step(NonFiniteGuard(skip=s), "on_before_backward") for s in (False, True))
+    resume = ExactResume()  # its batch start restores a checkpoint's state: only while one waits
+    assert idle_per_step(resume, "on_train_batch_start") and not idle_per_step(resume, "on_train_batch_end")
+    resume.on_load_checkpoint(None, None, {})
+    assert idle_per_step(resume, "on_train_batch_start")  # a checkpoint without exact-resume state
+    resume.on_load_checkpoint(None, None, {KEY: {"rng": None}})
+    assert not idle_per_step(resume, "on_train_batch_start")
 
     class Custom(L.LightningModule):
         def __setattr__(self, name, value):

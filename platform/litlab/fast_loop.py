@@ -137,7 +137,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             fx = plan["fx"]
             prev, fx[FX] = fx[FX], "batch_to_device"
-            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+            batch = plan["strategy"].batch_to_device(batch, dataloader_idx=0)
             fx[FX] = prev
         self.batch_progress.increment_ready()
         self._connector_batch_start(batch)
@@ -157,7 +157,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
                 kwargs = OrderedDict(batch=batch)
                 if plan["batch_idx_arg"]:
                     kwargs["batch_idx"] = batch_idx
-                batch_output = self._optimize(trainer.optimizers[0], batch_idx, kwargs)
+                batch_output = self._optimize(plan["optimizer"], batch_idx, kwargs)
 
         self.batch_progress.increment_processed()
         self._step_schedulers("step")
@@ -287,7 +287,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         configs = self._plan["schedulers"][interval]
         if not configs:
             return
-        current = (self.batch_idx if interval == "step" else self.trainer.current_epoch) + 1
+        current = (self.batch_idx if interval == "step" else self._plan["epoch"]) + 1
         hook = self._plan["module"].get("lr_scheduler_step")  # only if the module overrides it
         for config in configs:
             if current % config.frequency:
@@ -303,9 +303,10 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         """_AutomaticOptimization.run for one optimiser without accumulation, unrolled."""
         trainer = self.trainer
         progress = self.automatic_optimization.optim_progress.optimizer
-        lightning_optimizer = trainer.strategy._lightning_optimizers[0]
+        lightning_optimizer = self._plan["lightning_optimizer"]  # its step hooks: None when they do nothing
         progress.step.increment_ready()
-        lightning_optimizer._on_before_step()
+        if lightning_optimizer is not None:
+            lightning_optimizer._on_before_step()
         with torch.enable_grad():  # as torch's optimizer.step(closure) runs the closure
             result = self._closure(optimizer, batch_idx, kwargs)
         # Precision._after_closure: the hooks, then gradient clipping (the module's hook)
@@ -314,7 +315,8 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         self._module("configure_gradient_clipping", optimizer, gradient_clip_val=trainer.gradient_clip_val,
                      gradient_clip_algorithm=trainer.gradient_clip_algorithm)
         optimizer.step()
-        lightning_optimizer._on_after_step()
+        if lightning_optimizer is not None:
+            lightning_optimizer._on_after_step()
         progress.step.increment_completed()
         if result.loss is None:
             return {}
@@ -322,16 +324,16 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
 
     def _closure(self, optimizer, batch_idx: int, kwargs: OrderedDict) -> _StepResult:
         """training_step, zero_grad, backward: what Lightning's Closure runs inside optimizer.step."""
-        trainer = self.trainer
-        module, fx = self._plan["lm"], self._plan["fx"]
-        strategy = trainer.strategy
+        plan = self._plan
+        module, fx = plan["lm"], plan["fx"]
         prev, fx[FX] = fx[FX], "training_step"
-        if self._plan["direct_step"]:  # Strategy.training_step with nothing around the module's
+        if plan["direct_step"]:  # Strategy.training_step with nothing around the module's
             output = module.training_step(*kwargs.values())
         else:
-            output = strategy.training_step(*kwargs.values())
+            output = plan["strategy"].training_step(*kwargs.values())
         fx[FX] = prev
-        strategy.post_training_step()
+        if plan["post_training_step"] is not None:
+            plan["post_training_step"]()
         result = _StepResult.of(output)
         if result.closure_loss is None:
             self._warning_cache.warn("`training_step` returned `None`. If this was on purpose, ignore this warning...")
@@ -343,7 +345,7 @@ class LeanTrainingEpochLoop(_TrainingEpochLoop):
         self._callbacks("on_before_zero_grad", optimizer)
         self._module("on_before_zero_grad", optimizer)
         zero_grad.increment_started()
-        self._module("optimizer_zero_grad", trainer.current_epoch, batch_idx, optimizer)
+        self._module("optimizer_zero_grad", plan["epoch"], batch_idx, optimizer)
         zero_grad.increment_completed()
         if result.closure_loss is not None:
             self._backward(result.closure_loss)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.core.module import LightningModule
+from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
 from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -88,6 +89,13 @@ def _overrides(obj: Any, base: type, name: str) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name, None) or name in vars(obj)
 
 
+def _with_step_hooks(lightning_optimizer: LightningOptimizer) -> LightningOptimizer | None:
+    """The LightningOptimizer if its _on_before_step/_on_after_step do something (manual
+    optimisation sets them; automatic leaves Lightning's do-nothing closure), else None."""
+    hooks = (lightning_optimizer._on_before_step, lightning_optimizer._on_after_step)
+    return None if all(h is do_nothing_closure for h in hooks) else lightning_optimizer
+
+
 def lean_plan(loop: _TrainingEpochLoop, data_fetcher) -> dict | None:
     """The per-epoch dispatch tables of `loop`'s lean step (litlab.fast_loop), or None when the
     lean path would not compute what Lightning's advance() computes."""
@@ -125,6 +133,13 @@ def lean_plan(loop: _TrainingEpochLoop, data_fetcher) -> dict | None:
         "val_every_batch": (trainer.val_check_batch if trainer.check_val_every_n_epoch is not None
                             and getattr(trainer, "_val_check_time_interval", None) is None
                             and type(trainer.val_check_batch) is int else None),
+        # what cannot change while the epoch's batches run: looked up through property chains otherwise
+        "strategy": trainer.strategy,
+        "optimizer": trainer.optimizers[0],
+        "lightning_optimizer": _with_step_hooks(trainer.strategy._lightning_optimizers[0]),
+        "post_training_step": (trainer.strategy.post_training_step  # deprecated, a no-op unless overridden
+                               if _overrides(trainer.strategy, Strategy, "post_training_step") else None),
+        "epoch": trainer.current_epoch,  # counted once the epoch is done
         "num_batches": trainer.num_training_batches,  # set for the epoch before it runs (fit_loop.setup_data)
         "plateau": any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs),
         "schedulers": {interval: [c for c in trainer.lr_scheduler_configs

@@ -114,6 +114,12 @@ class ExactResume(Callback):
         self._results_to_merge: dict[str, Any] | None = None
         self._mid_epoch = False
 
+    @property
+    def idle_step_hooks(self) -> tuple[str, ...]:
+        """on_train_batch_start does nothing once no restored state waits for the first batch
+        (litlab.fast_loop then leaves it out of each step)."""
+        return ("on_train_batch_start",) if self._pending is None else ()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._mid_epoch = True  # a checkpoint written now is written between two batches of this epoch
         if self._results_to_merge is not None:
