@@ -92,7 +92,7 @@ def benches(smoke: bool, epochs: int | None) -> dict[str, Bench]:
     return {
         "mlp": Bench("mlp", "experiments/mlp/mlp_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 20)}"],
                      "classify"),
-        "lenet": Bench("lenet", "experiments/cnn/lenet_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 8)}"],
+        "lenet": Bench("lenet", "experiments/cnn/lenet_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 16)}"],
                        "classify"),
         "resnet18": Bench("resnet18", synthetic_images_config(smoke), [f"trainer.max_epochs={e or 3}"],
                           "classify", gpu_only_overrides=["trainer.precision=bf16-mixed", *no_upload]),
@@ -308,6 +308,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
         overrides += bench.gpu_only_overrides
     else:
         overrides += ["trainer.precision=32"]
+    overrides += getattr(args, "overrides", [])
     if variant == "notrack" or not args.mlflow:
         overrides.append("tracking.mlflow=false")
     if variant == "compile":
@@ -464,6 +465,8 @@ def main(argv=None) -> int:
                    help="wall time (default) or the training thread's CPU time (for A/B tests on a busy CPU)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs not timed")
     p.add_argument("--variants", default="default", help="comma-separated: default, notrack, compile, lightning_loop")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="config overrides for every run (e.g. tracking.system_metrics=false), after the benchmark's")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
     p.add_argument("--startup", action="store_true", help="also time `litlab --help`, `litlab models` and "
                                                           "`litlab run` to its first step")

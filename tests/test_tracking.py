@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -15,6 +16,8 @@ from litlab.checkpointing import META_KEY
 
 def test_run_tracks_params_metrics_tags_artifacts_checkpoints(tracking_uri):
     result = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=3"], tracking_uri=tracking_uri)
+    # the background sender ends with the run (a notebook or a benchmark runs many in one process)
+    assert not [t for t in threading.enumerate() if t.name == "litlab-mlflow"]
     c = MlflowClient(tracking_uri=tracking_uri)
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"

@@ -188,6 +188,8 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
             close_failed(uri, run_id, e, tracker, sysmon, delete=created and untrained)
         raise
     finally:
+        if tracker is not None:
+            tracker.close()  # its sender thread ends with the run
         finish_wandb(loggers)
         if previous_env is None:
             os.environ.pop(RUN_ID_ENV, None)

@@ -206,6 +206,7 @@ class MlflowTracker(Logger):
         self._in_flight: deque = deque()  # log_tensor_metrics: (keys, host values, copy event, numbers, step, time)
         self._worker: threading.Thread | None = None
         self._wake = threading.Event()
+        self._closed = threading.Event()  # close(): the sender thread ends
         self._outage: str | None = None  # the error while the server is unreachable
         self.points_logged = 0
 
@@ -318,7 +319,7 @@ class MlflowTracker(Logger):
 
     # Background sending ---------------------------------------------------------------------
     def _ensure_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
+        if (self._worker is None or not self._worker.is_alive()) and not self._closed.is_set():
             self._worker = threading.Thread(target=self._send_forever, name="litlab-mlflow", daemon=True)
             self._worker.start()
 
@@ -327,7 +328,22 @@ class MlflowTracker(Logger):
         while True:
             self._wake.wait(delay)
             self._wake.clear()
+            if self._closed.is_set():
+                return
             delay = self.flush_interval if self._send_pending() else min(max(2 * delay, 1.0), 30.0)
+
+    def close(self) -> None:
+        """End the background sender and close the journal; the run's end calls it after its last
+        flush (the runner: once the run is over, whatever its end). Points logged after this are
+        still journaled, for flush() or `litlab sync`. Without it each run would leave a thread
+        behind that wakes every flush_interval for good (a notebook, a benchmark, a sweep's trials
+        run in one process)."""
+        self._closed.set()
+        self._wake.set()
+        worker, self._worker = self._worker, None
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=self.flush_timeout)  # a send in progress finishes first
+        self.spool.close()
 
     def _send_pending(self) -> bool:
         """Send the unsent journal; False (and one warning per outage) if the server is unreachable."""
@@ -372,7 +388,7 @@ class MlflowTracker(Logger):
         self.flush()
         self.spool.close()
         state = self.__dict__.copy()
-        state.update(_worker=None, _wake=threading.Event())
+        state.update(_worker=None, _wake=threading.Event(), _closed=threading.Event())
         return state
 
 
