@@ -253,6 +253,8 @@ def test_tensor_metrics_land_in_order_and_as_the_synchronous_ones(tmp_path):
     points = [tuple(p) for batch, _ in tracker.spool.unsent_batches() for p in batch]
     assert [(k, v, s) for k, v, _, s in points] == [("train/loss_step", 0.25, 4), ("epoch", 0.0, 4),
                                                     ("train/loss_step", 0.5, 9), ("epoch", 1.0, 9), ("val/acc", 0.9, 9)]
+    tracker.close()
+    assert tracker._worker is None  # its sender ended
 
 
 # ---------------------------------------------------------------- start-up

@@ -336,13 +336,13 @@ class MlflowTracker(Logger):
         """End the background sender and close the journal; the run's end calls it after its last
         flush (the runner: once the run is over, whatever its end). Points logged after this are
         still journaled, for flush() or `litlab sync`. Without it each run would leave a thread
-        behind that wakes every flush_interval for good (a notebook, a benchmark, a sweep's trials
-        run in one process)."""
+        behind that wakes every flush_interval for good (litlab.run in a notebook, a benchmark:
+        many runs in one process)."""
         self._closed.set()
         self._wake.set()
         worker, self._worker = self._worker, None
         if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout=self.flush_timeout)  # a send in progress finishes first
+            worker.join(timeout=2.0)  # a send in progress ends first (not a stuck one: a daemon thread)
         self.spool.close()
 
     def _send_pending(self) -> bool:
