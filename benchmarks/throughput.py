@@ -500,8 +500,13 @@ def main(argv=None) -> int:
                     p.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
                 plan.append((n, v))
     rows: list[dict] = []
+    from litlab.errors import UserError
+
     for n, v in plan:
-        rows.append(measure(table[n], args, v))
+        try:
+            rows.append(measure(table[n], args, v))
+        except UserError as e:  # e.g. a --set override the config does not have
+            p.error(f"{n} ({v}): {e}")
         write_outputs(args.out, rows, None)
     startup = startup_time(args) if args.startup else None
     print(write_outputs(args.out, rows, startup))

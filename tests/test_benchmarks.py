@@ -26,6 +26,14 @@ def test_every_benchmark_config_validates():
             runner.load_config(source, [*bench.overrides, *bench.gpu_only_overrides])
 
 
+def test_a_wrong_override_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--bench", "mlp", "--smoke",
+                           "--repeats", "1", "--set", "trainer.max_epoch=3"], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "throughput.py: error: mlp (default): trainer.max_epoch" in proc.stderr.splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     """benchmarks/gpu_session.sh (what a scarce GPU session runs) at tiny sizes on this CPU: every
