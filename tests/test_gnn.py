@@ -396,3 +396,21 @@ def test_experiments_log_metrics_and_plots_to_mlflow(tracking_uri):
     assert result.status == "FINISHED"
     assert {"test/acc_L1", "test/acc_L4", "test/mad_L1", "test/mad_L4"} <= set(result.metrics)
     assert "plots/oversmoothing.png" in {a.path for a in c.list_artifacts(result.run_id, "plots")}
+
+
+def test_self_loops_are_kept_per_edge_tensor_until_it_changes():
+    """add_self_loops remembers its result per edge_index tensor (no host sync at each full-batch
+    step), recomputes it after an in-place change, and keeps nothing made in inference mode (an
+    inference tensor could not take part in a later backward pass)."""
+    from litlab.chapters.gnn.layers import add_self_loops
+
+    edges = torch.tensor([[0, 1, 2, 2], [1, 0, 2, 0]])
+    with torch.inference_mode():
+        add_self_loops(edges, 3)
+    first = add_self_loops(edges, 3)
+    assert not first.is_inference()
+    assert first.tolist() == [[0, 1, 2, 0, 1, 2], [1, 0, 0, 0, 1, 2]]
+    assert add_self_loops(edges, 3) is first
+    assert add_self_loops(edges, 4).shape == (2, 7)
+    edges[1, 0] = 0  # 0 -> 0 is now a self-loop: dropped
+    assert add_self_loops(edges, 3).tolist() == [[1, 2, 0, 1, 2], [0, 0, 0, 1, 2]]

@@ -7,6 +7,7 @@ untracked, since these tests check learning, not tracking. The most telling chec
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,42 @@ def test_classifier_learns_under_cuda_graphs(tracking_uri):
                                      "trainer.max_epochs=3"], tracking_uri=tracking_uri)
     assert result.status == "FINISHED"
     assert result.metrics["test/acc"] >= 0.9, result.metrics
+
+
+def test_training_steps_make_no_host_sync(tracking_uri, monkeypatch):
+    """No host synchronisation per step: torch's sync debug mode warns at each synchronising CUDA
+    call (.item(), bool(), a blocking copy either way, nonzero), and each such call stalls the CPU
+    until the GPU has caught up, so the next step cannot be queued behind the running one. The
+    step's metrics, the NaN guard and the progress bar read the device asynchronously; only the
+    epoch's edges (its index order copied over, validation) may wait. Lists the steps that did."""
+    from litlab import fast_loop
+
+    advance, per_step, lean = fast_loop.LeanTrainingEpochLoop.advance, [], []
+    epochs = 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def counted_advance(self, data_fetcher):
+            before, first = len(caught), self.batch_progress.current.ready == 0
+            lean.append(getattr(self, "_plan", None) is not None and not self._restarting)
+            try:
+                return advance(self, data_fetcher)
+            finally:
+                syncs = [str(w.message)[:120] for w in caught[before:] if "synchroniz" in str(w.message)]
+                per_step.append((first, syncs))
+
+        monkeypatch.setattr(fast_loop.LeanTrainingEpochLoop, "advance", counted_advance)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = runner.run(MLP_DIGITS, [*GPU, "trainer.precision=bf16-mixed", f"trainer.max_epochs={epochs}"],
+                                tracking_uri=tracking_uri)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert result.status == "FINISHED"
+    assert per_step and all(lean), "the lean step did not run"
+    # the first batch of each epoch may wait (its index order); every other step: none
+    synced = {i: msgs for i, (first, msgs) in enumerate(per_step) if msgs and not first}
+    assert not synced, f"{len(synced)} of {len(per_step)} steps synchronised: {synced}"
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -41,15 +41,23 @@ class Seen(L.Callback):
         self.plans = []
         self.unrolled_fetch = []
         self.grad_norms = []
-        self.step_dicts = []  # the logger connector's own dicts as each batch starts (the last batch's end left them)
+        self.step_dicts = []  # the logger connector's dicts as each batch starts
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.loop = trainer.fit_loop.epoch_loop
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        c = trainer._logger_connector  # not its properties: they would recompute what the batch end left
+    def on_train_epoch_end(self, trainer, pl_module):
+        c = trainer._logger_connector  # the epoch's last batch leaves the three dicts as Lightning does
         self.step_dicts.append([{k: float(v) for k, v in d.items()}
                                 for d in (c._logged_metrics, c._progress_bar_metrics, c._callback_metrics)])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # the logger and callback dicts as the last batch's end left them (their properties would
+        # recompute them); the progress bar's as a progress bar reads them (litlab's lean step
+        # leaves them to be computed when read: converting them at every step is a host sync)
+        c = trainer._logger_connector
+        self.step_dicts.append([{k: float(v) for k, v in d.items()}
+                                for d in (c._logged_metrics, trainer.progress_bar_metrics, c._callback_metrics)])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         plan = getattr(self.loop, "_plan", None)

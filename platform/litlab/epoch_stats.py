@@ -147,3 +147,22 @@ class EpochValue(torchmetrics.Metric):
         super().reset()
         if self._source[0].update_called:
             self._source[0].reset()
+
+
+class DeviceMean(torchmetrics.MeanMetric):
+    """torchmetrics' MeanMetric without reading the device in update(): MeanMetric checks every
+    value for NaN (`if nans.any()`), a host sync per update, so a per-step accuracy or perplexity
+    stalls every GPU step. Here the (weighted) sums only grow on the device; a NaN value makes the
+    mean NaN instead of being dropped with a warning (a NaN loss is the NonFiniteGuard's to catch).
+
+    update(value (any shape), weight: a number, or a tensor broadcastable to value's shape)."""
+
+    def update(self, value: torch.Tensor | float, weight: torch.Tensor | float = 1.0) -> None:
+        value = torch.as_tensor(value, device=self.device).detach().to(self.dtype)
+        if isinstance(weight, torch.Tensor):
+            weight = torch.broadcast_to(weight.detach().to(self.dtype), value.shape)
+            self.mean_value += (value * weight).sum()
+            self.weight += weight.sum()
+        else:  # sum(value * w) = w * sum(value), without a tensor of weights
+            self.mean_value += value.sum() * weight
+            self.weight += value.numel() * weight

@@ -42,3 +42,44 @@ def _all_on(attributes: dict, device: torch.device) -> bool:
         elif isinstance(value, (torch.nn.Module, list, tuple)):
             return False
     return True
+
+
+def defer_progress_bar_reads(trainer) -> None:
+    """After every training batch Lightning's logger connector converts each value logged with
+    on_step=True and prog_bar=True to a Python number for the progress bar: a host sync per value
+    per step on a GPU (a module's `self.log("train/loss", loss, prog_bar=True)` stalls every step).
+    Nothing reads those numbers from where they are kept in the meantime: the progress bar asks for
+    `trainer.progress_bar_metrics`, which computes them afresh (litlab's bar every 50 steps). So in
+    a training batch that is not the last of its epoch loop, only the callback and logger dicts are
+    updated (tensors, as Lightning keeps them); the last one, and every other batch (validation,
+    test), runs Lightning's own on_batch_end, which leaves the three dicts as Lightning leaves them."""
+    connector = trainer._logger_connector
+    lightning_on_batch_end = connector.on_batch_end
+
+    def on_batch_end() -> None:
+        results = trainer._results
+        if (results is None or not trainer.training or trainer.fit_loop.epoch_loop.done
+                or not any(item.meta.on_step and item.meta.prog_bar for item in results.values())):
+            return lightning_on_batch_end()
+        log, callback = _step_metrics_without_progress_bar(results)
+        connector._callback_metrics.update(callback)
+        connector._logged_metrics.update(log)
+        results.batch = results.batch_size = None
+
+    connector.on_batch_end = on_batch_end
+
+
+def _step_metrics_without_progress_bar(results) -> tuple[dict, dict]:
+    """_ResultCollection.metrics(on_step=True)'s "log" and "callback" dicts (a training collection),
+    without its "pbar" dict, the one that converts tensors to numbers."""
+    log, callback = {}, {}
+    for _, item in results.valid_items():
+        value = results._get_cache(item, True)
+        if not isinstance(value, torch.Tensor):
+            continue
+        name, forked_name = results._forked_name(item, True)
+        if item.meta.logger:
+            log[forked_name] = value
+        if results.training:
+            callback[name] = callback[forked_name] = value
+    return log, callback

@@ -15,11 +15,11 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from litlab.chapters.bert.nets import BertClassifier, BertForPretraining, mlm_loss
 from litlab.chapters.bert.pretrained import load_checkpoint, load_submodules, logger_tracking_uri
 from litlab.data.corpus import IGNORE, NUM_SPECIAL
+from litlab.epoch_stats import DeviceMean
 from litlab.errors import ConfigError
 from litlab.module import ClassifierModule
 from litlab.registry import register_model
@@ -41,8 +41,8 @@ SMOKE_DATA = {"passage_tokens": 24, "n_train": 40, "batch_size": 8}
 
 
 def stage_means() -> torch.nn.ModuleDict:
-    """One MeanMetric per stage, keyed "train_", "val_", "test_"."""
-    return torch.nn.ModuleDict({f"{s}_": torchmetrics.MeanMetric() for s in ("train", "val", "test")})
+    """One mean per stage, keyed "train_", "val_", "test_" (DeviceMean: no host sync per update)."""
+    return torch.nn.ModuleDict({f"{s}_": DeviceMean() for s in ("train", "val", "test")})
 
 
 def encoder_kwargs(hp) -> dict:

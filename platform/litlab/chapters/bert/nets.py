@@ -32,9 +32,9 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the positions whose label is not IGNORE; logits (..., V), labels (...).
     0 (with a gradient path) when nothing is selected, instead of cross_entropy's nan."""
     logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    if not (labels != IGNORE).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    # the mean over the selected positions as sum / count: no `if any selected` read from the device
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
 
 
 class BertEncoder(nn.Module):

@@ -20,16 +20,32 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 Aggregator = Literal["mean", "max", "pool", "lstm"]
 
 
 # ------------------------------------------------------------------------------ graph utilities
+_WITH_SELF_LOOPS = WeakIdKeyDictionary()  # edge_index -> (its version, num_nodes, add_self_loops' result)
+
+
 def add_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Drop existing self-loops, then add i -> i for every node: (2, E') with E' = E - loops + N."""
+    """Drop existing self-loops, then add i -> i for every node: (2, E') with E' = E - loops + N.
+    E' depends on the values (on a GPU the kept edges' count is a host sync), so the result is kept
+    for each edge_index tensor (full-batch training passes the same one at every step) until that
+    tensor is changed in place."""
+    # not kept in inference mode: its result could not be saved for a backward pass later, and an
+    # inference tensor has no version counter
+    kept = not (torch.is_inference_mode_enabled() or edge_index.is_inference())
+    cached = _WITH_SELF_LOOPS.get(edge_index) if kept else None
+    if cached is not None and cached[:2] == (edge_index._version, num_nodes):
+        return cached[2]
     keep = edge_index[0] != edge_index[1]
     loops = torch.arange(num_nodes, device=edge_index.device).expand(2, num_nodes)
-    return torch.cat([edge_index[:, keep], loops], dim=1)
+    out = torch.cat([edge_index[:, keep], loops], dim=1)
+    if kept:
+        _WITH_SELF_LOOPS[edge_index] = (edge_index._version, num_nodes, out)
+    return out
 
 
 def gcn_norm(edge_index: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:

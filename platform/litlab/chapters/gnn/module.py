@@ -18,7 +18,6 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 
 from litlab.chapters.gnn.nets import (
     Activation,
@@ -26,6 +25,7 @@ from litlab.chapters.gnn.nets import (
     mean_average_distance,
 )
 from litlab.chapters.gnn.plots import Projection, embedding_figure
+from litlab.epoch_stats import DeviceMean
 from litlab.registry import register_model
 from litlab.schema import Range
 from litlab.steps import StageSteps
@@ -42,11 +42,6 @@ Heads = Annotated[int, Range(ge=1, le=64)]
 SMOKE_SBM = {"name": "sbm", "num_blocks": 2, "block_size": 12, "p_in": 0.4, "p_out": 0.05, "labels_per_class": 3}
 
 
-def masked_targets(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """y where the mask is set, -1 (ignored) elsewhere."""
-    return torch.where(mask, y, torch.full_like(y, -1))
-
-
 class NodeClassifierModule(StageSteps):
     """Shared steps of the node classifiers; subclasses build `self.net` (a NodeClassifierNet)."""
 
@@ -56,7 +51,7 @@ class NodeClassifierModule(StageSteps):
         super().__init__()
         self.embedding_plot = embedding_plot
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro", ignore_index=-1)
+            f"{stage}_acc": DeviceMean()  # accuracy over the stage's nodes: hits weighted by the mask
             for stage in ("train", "val", "test")})
         self._test_outputs: list = []
 
@@ -72,7 +67,7 @@ class NodeClassifierModule(StageSteps):
         weight = mask.to(logits.dtype)
         loss = (F.cross_entropy(logits, batch.y, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
         acc = self.metrics[f"{stage}_acc"]
-        acc.update(logits.detach(), masked_targets(batch.y, mask))
+        acc.update(logits.detach().argmax(-1) == batch.y, weight=weight)  # no selection: no host sync
         size = batch.batch_size if "batch_size" in batch else 1  # seed nodes of a sampled batch; 1 graph
         self.log(f"{stage}/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=stage == "val",
                  batch_size=size, sync_dist=stage != "train")

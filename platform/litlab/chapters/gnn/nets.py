@@ -100,7 +100,8 @@ def readout(h: Tensor, batch: Tensor, num_graphs: int, mode: Readout) -> Tensor:
     if mode == "sum":
         return scatter_sum(h, batch, num_graphs)
     if mode == "mean":
-        count = torch.bincount(batch, minlength=num_graphs).clamp_min(1).to(h.dtype)
+        # nodes per graph by index_add (bincount sizes its output from the values: a host sync)
+        count = h.new_zeros(num_graphs).index_add_(0, batch, h.new_ones(batch.shape[0])).clamp_min(1)
         return scatter_sum(h, batch, num_graphs) / count[:, None]
     if mode == "max":
         return scatter_max(h, batch, num_graphs)

@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-import torchmetrics
 
 from litlab.chapters.gpt.nets import GPT
 from litlab.data.text import ByteVocab, CharVocab
+from litlab.epoch_stats import DeviceMean
 from litlab.errors import ConfigError
 from litlab.module import log_text
 from litlab.registry import register_model
@@ -46,7 +46,7 @@ Length = Annotated[int, Range(ge=0, le=1_000_000)]
 Seed = Annotated[int, Range(ge=0, lt=2**63)]
 
 
-class ExpMean(torchmetrics.MeanMetric):
+class ExpMean(DeviceMean):
     """exp of the (weighted) mean: perplexity = exp(mean NLL over the epoch's tokens)."""
 
     def compute(self) -> torch.Tensor:

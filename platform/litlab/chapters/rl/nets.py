@@ -65,8 +65,9 @@ class ActorCritic(nn.Module):
         out = self.policy(obs)
         if self.continuous:
             # Independent(.., 1): log_prob and entropy sum over the A action dimensions -> (B,)
-            return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
-        return Categorical(logits=out)
+            return Independent(Normal(out, self.log_std.exp().expand_as(out), validate_args=False), 1,
+                               validate_args=False)
+        return Categorical(logits=out, validate_args=False)  # validation reads the device (a host sync) at each call
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)  # (B,)

@@ -19,11 +19,11 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor
 
 from litlab.chapters.seq2seq.nets import Seq2Seq
 from litlab.data.seq2seq_tasks import EOS, PAD
+from litlab.epoch_stats import DeviceMean
 from litlab.module import LitlabModule
 from litlab.registry import register_model
 from litlab.schema import Range
@@ -50,7 +50,7 @@ class TranslationSteps(LitlabModule):
 
     def _make_metrics(self) -> None:
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_{name}": torchmetrics.MeanMetric()
+            f"{stage}_{name}": DeviceMean()
             for stage in ("val", "test") for name in ("exact_match", "token_acc")
         })
 
