@@ -37,7 +37,8 @@ def test_training_steps_make_no_host_sync(tracking_uri, monkeypatch):
     call (.item(), bool(), a blocking copy either way, nonzero), and each such call stalls the CPU
     until the GPU has caught up, so the next step cannot be queued behind the running one. The
     step's metrics, the NaN guard and the progress bar read the device asynchronously; only the
-    epoch's edges (its index order copied over, validation) may wait. Lists the steps that did."""
+    epoch's edges (its index order copied over, validation) may wait. Lists the steps that did,
+    with the lines that waited (tests/test_host_syncs.py checks every model the same way on a CPU)."""
     from litlab import fast_loop
 
     advance, per_step, lean = fast_loop.LeanTrainingEpochLoop.advance, [], []
@@ -51,7 +52,7 @@ def test_training_steps_make_no_host_sync(tracking_uri, monkeypatch):
             try:
                 return advance(self, data_fetcher)
             finally:
-                syncs = [str(w.message)[:120] for w in caught[before:] if "synchroniz" in str(w.message)]
+                syncs = [f"{w.filename}:{w.lineno}" for w in caught[before:] if "synchroniz" in str(w.message)]
                 per_step.append((first, syncs))
 
         monkeypatch.setattr(fast_loop.LeanTrainingEpochLoop, "advance", counted_advance)
