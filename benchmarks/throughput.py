@@ -52,8 +52,10 @@ import torch  # noqa: E402
 from litlab.schema import Range  # noqa: E402  (module level: BenchImages' string annotations resolve here)
 import torch.nn.functional as F  # noqa: E402
 
-# Dense bf16 peaks (no sparsity) used for MFU, from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+# Dense bf16 peaks (no sparsity) used for MFU, from the vendors' data sheets; the first key the
+# device name contains wins (the H100 PCIe and NVL before the SXM's plain "H100").
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
 
 
 # ------------------------------------------------------------------------------------ benchmarks
