@@ -60,3 +60,17 @@ def metric_steps(uri: str, run_id: str) -> dict[str, list[int]]:
     c = MlflowClient(tracking_uri=uri)
     run = c.get_run(run_id)
     return {k: [m.step for m in c.get_metric_history(run_id, k)] for k in run.data.metrics}
+
+
+def smoke_benchmark_runs(names: tuple[str, ...] | None = None) -> list:
+    """benchmarks/throughput.py's configs at their CPU smoke sizes, as pytest params (source,
+    overrides) with the benchmark's name as id; trainer.max_epochs is left to the test."""
+    import pytest
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    throughput.register_bench_data()
+    return [pytest.param(b.source if isinstance(b.source, dict) else str(REPO / b.source),
+                         [o for o in b.overrides if not o.startswith("trainer.max_epochs")], id=name)
+            for name, b in throughput.benches(smoke=True, epochs=None).items() if names is None or name in names]

@@ -7,13 +7,12 @@ untracked, since these tests check learning, not tracking. The most telling chec
 from __future__ import annotations
 
 import importlib.util
-import sys
 import warnings
 
 import pytest
 import torch
 
-from helpers import EXPERIMENTS, MLP_DIGITS, REPO
+from helpers import EXPERIMENTS, MLP_DIGITS, smoke_benchmark_runs
 from litlab import runner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -33,22 +32,10 @@ def test_classifier_learns_under_cuda_graphs(tracking_uri):
     assert result.metrics["test/acc"] >= 0.9, result.metrics
 
 
-def _sync_runs() -> list:
-    """The digits MLP, and the ResNet-18 and GPT-2 benchmarks at their smoke sizes (their code paths
-    on this GPU: bf16 autocast, fused optimisers, channels_last, the data held on the device)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput
-
-    throughput.register_bench_data()
-    runs = [pytest.param(str(MLP_DIGITS), [], id="mlp_digits")]
-    for name in ("resnet18", "gpt2"):
-        bench = throughput.benches(smoke=True, epochs=None)[name]
-        runs.append(pytest.param(bench.source if isinstance(bench.source, dict) else str(REPO / bench.source),
-                                 [o for o in bench.overrides if not o.startswith("trainer.max_epochs")], id=name))
-    return runs
-
-
-@pytest.mark.parametrize("source, overrides", _sync_runs())
+# the digits MLP, and the ResNet-18 and GPT-2 benchmarks at their smoke sizes (their code paths on a
+# GPU: bf16 autocast, fused optimisers, channels_last, the data held on the device)
+@pytest.mark.parametrize("source, overrides", [pytest.param(str(MLP_DIGITS), [], id="mlp_digits"),
+                                               *smoke_benchmark_runs(("resnet18", "gpt2"))])
 def test_training_steps_make_no_host_sync(source, overrides, tracking_uri, monkeypatch):
     """No host synchronisation per step: torch's sync debug mode warns at each synchronising CUDA
     call (.item(), bool(), a blocking copy either way, nonzero), and each such call stalls the CPU

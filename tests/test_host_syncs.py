@@ -12,14 +12,12 @@ computation needs it.
 
 from __future__ import annotations
 
-import sys
-
 import lightning as L
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import REPO
+from helpers import smoke_benchmark_runs
 from litlab import fast_loop, registry, runner
 from test_registry import MODEL_NAMES, _build
 
@@ -105,18 +103,7 @@ def test_a_training_step_waits_for_nothing(name, tmp_path, monkeypatch):
     assert not counter.waiting_steps(), f"{name}: steps that would wait on a GPU (step: ops) {counter.waiting_steps()}"
 
 
-def _benchmark_runs() -> list:
-    """benchmarks/throughput.py's configs at their CPU smoke sizes: (name, source, overrides)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import throughput
-
-    throughput.register_bench_data()
-    return [pytest.param(b.source if isinstance(b.source, dict) else str(REPO / b.source),
-                         [o for o in b.overrides if not o.startswith("trainer.max_epochs")], id=name)
-            for name, b in throughput.benches(smoke=True, epochs=None).items()]
-
-
-@pytest.mark.parametrize("source, overrides", _benchmark_runs())
+@pytest.mark.parametrize("source, overrides", smoke_benchmark_runs())
 def test_a_tracked_run_waits_only_at_its_logging_steps(source, overrides, tracking_uri, monkeypatch):
     """runner.run with its defaults (MLflow tracking, NaN guard, checkpoints, exact-resume state,
     progress output) on each benchmark's model and data: the step metrics and the NaN guard are
