@@ -51,24 +51,24 @@ class WaitCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.counting = False
-        self.steps: list[tuple[bool, bool, int]] = []  # (first of its epoch, last of its epoch, waits)
+        self.steps: list[list] = []  # [first of its epoch, last of its epoch, waits]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.counting and waits_on_a_gpu(func, args):
-            self.steps[-1] = (*self.steps[-1][:2], self.steps[-1][2] + 1)
+            self.steps[-1][2] += 1
         return func(*args, **(kwargs or {}))
 
     def install(self, monkeypatch) -> None:
         advance, fetch, counter = fast_loop.LeanTrainingEpochLoop.advance, fast_loop.LeanTrainingEpochLoop._fetch, self
 
         def counted_advance(loop, data_fetcher):
-            counter.steps.append((loop.batch_progress.current.ready == 0, False, 0))
+            counter.steps.append([loop.batch_progress.current.ready == 0, False, 0])
             counter.counting = True
             try:
                 return advance(loop, data_fetcher)
             finally:
                 counter.counting = False
-                counter.steps[-1] = (counter.steps[-1][0], loop.done, counter.steps[-1][2])
+                counter.steps[-1][1] = loop.done
 
         def uncounted_fetch(loop, data_fetcher):
             counter.counting = False
