@@ -398,19 +398,36 @@ def test_experiments_log_metrics_and_plots_to_mlflow(tracking_uri):
     assert "plots/oversmoothing.png" in {a.path for a in c.list_artifacts(result.run_id, "plots")}
 
 
-def test_self_loops_are_kept_per_edge_tensor_until_it_changes():
-    """add_self_loops remembers its result per edge_index tensor (no host sync at each full-batch
-    step), recomputes it after an in-place change, and keeps nothing made in inference mode (an
-    inference tensor could not take part in a later backward pass)."""
-    from litlab.chapters.gnn.layers import add_self_loops
+def test_existing_self_loops_are_replaced_with_a_fixed_edge_count():
+    """A graph that already has self-loops: GCN and GAT give them zero weight instead of dropping
+    them (dropping would size the edge list from the values, a host sync per step on a GPU), and
+    still agree with PyG and with A + I computed by hand."""
+    from torch_geometric.nn import GATConv, GCNConv
 
-    edges = torch.tensor([[0, 1, 2, 2], [1, 0, 2, 0]])
-    with torch.inference_mode():
-        add_self_loops(edges, 3)
-    first = add_self_loops(edges, 3)
-    assert not first.is_inference()
-    assert first.tolist() == [[0, 1, 2, 0, 1, 2], [1, 0, 0, 0, 1, 2]]
-    assert add_self_loops(edges, 3) is first
-    assert add_self_loops(edges, 4).shape == (2, 7)
-    edges[1, 0] = 0  # 0 -> 0 is now a self-loop: dropped
-    assert add_self_loops(edges, 3).tolist() == [[1, 2, 0, 1, 2], [0, 0, 0, 1, 2]]
+    from litlab.chapters.gnn.layers import add_self_loops, with_self_loops
+
+    edges = torch.tensor([[0, 1, 2, 2], [1, 0, 2, 0]])  # 2 -> 2 is a self-loop already
+    ei, real = with_self_loops(edges, 3)
+    assert ei.tolist() == [[0, 1, 2, 2, 0, 1, 2], [1, 0, 2, 0, 0, 1, 2]]
+    assert real.tolist() == [True, True, False, True, True, True, True]
+    assert add_self_loops(edges, 3).tolist() == [[0, 1, 2, 0, 1, 2], [1, 0, 0, 0, 1, 2]]
+    a_plus_i = torch.zeros(3, 3).index_put_((edges[1], edges[0]), torch.ones(4)).fill_diagonal_(1)
+    d = a_plus_i.sum(1).rsqrt()
+    assert torch.allclose(normalized_adjacency(edges, 3), d[:, None] * a_plus_i * d[None, :], atol=1e-7)
+
+    looped = torch.cat([random_graph(15, seed=5), torch.tensor([[3, 7, 7], [3, 7, 7]])], dim=1)
+    x = torch.randn(15, 6)
+    gcn, ref_gcn = GCNLayer(6, 4), GCNConv(6, 4)
+    gat, ref_gat = GATLayer(6, 4, heads=2), GATConv(6, 4, heads=2)
+    with torch.no_grad():
+        ref_gcn.lin.weight.copy_(gcn.linear.weight)
+        ref_gat.lin.weight.copy_(gat.linear.weight)
+        ref_gat.att_src.copy_(gat.att_src)
+        ref_gat.att_dst.copy_(gat.att_dst)
+    assert torch.allclose(gcn(x, looped), ref_gcn(x, looped), atol=1e-5)
+    out, (ei_loops, alpha) = gat(x, looped, return_attention=True)
+    ref_out, (ref_ei, ref_alpha) = ref_gat(x, looped, return_attention_weights=True)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert torch.equal(ei_loops, ref_ei) and torch.allclose(alpha, ref_alpha, atol=1e-5)
+    out.sum().backward()  # the masked scores (-inf) give finite gradients
+    assert all(p.grad.isfinite().all() for p in gat.parameters())

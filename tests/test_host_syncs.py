@@ -29,7 +29,6 @@ MASK_INDEXED_OPS = {A.index.Tensor, A.index_put.default, A.index_put_.default, A
 WAITS_BY_DESIGN = {
     "bert_mlm": "the MLM head scores only the masked positions: their count is read",
     "gpt_moe": "tokens are dispatched to the experts in groups whose sizes are read",
-    "graph_classifier": "each batch is a new set of graphs: their self-loops are found and dropped",
     "graphsage": "the LSTM aggregator packs neighbourhoods by their lengths, read on the host",
     "perceptron": "Rosenblatt's rule updates on each mistake, one example at a time",
     "seq2seq": "packed RNN sequences need their lengths on the host",

@@ -20,43 +20,39 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 Aggregator = Literal["mean", "max", "pool", "lstm"]
 
 
 # ------------------------------------------------------------------------------ graph utilities
-_WITH_SELF_LOOPS = WeakIdKeyDictionary()  # edge_index -> (its version, num_nodes, add_self_loops' result)
+def with_self_loops(edge_index: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
+    """Every edge plus i -> i for every node: (2, E + N), and `real` (E + N,) bool, False on the
+    self-loops edge_index already had (the added ones replace them: layers give them zero weight).
+    Dropping them instead would give a value-dependent edge count, which a GPU must report to the
+    host before the next op can be sized (a sync each step); this size depends only on the shapes."""
+    loops = torch.arange(num_nodes, device=edge_index.device).expand(2, num_nodes)
+    real = torch.cat([edge_index[0] != edge_index[1], loops.new_ones(num_nodes, dtype=torch.bool)])
+    return torch.cat([edge_index, loops], dim=1), real
 
 
 def add_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Drop existing self-loops, then add i -> i for every node: (2, E') with E' = E - loops + N.
-    E' depends on the values (on a GPU the kept edges' count is a host sync), so the result is kept
-    for each edge_index tensor (full-batch training passes the same one at every step) until that
-    tensor is changed in place."""
-    # not kept in inference mode: its result could not be saved for a backward pass later, and an
-    # inference tensor has no version counter
-    kept = not (torch.is_inference_mode_enabled() or edge_index.is_inference())
-    cached = _WITH_SELF_LOOPS.get(edge_index) if kept else None
-    if cached is not None and cached[:2] == (edge_index._version, num_nodes):
-        return cached[2]
-    keep = edge_index[0] != edge_index[1]
-    loops = torch.arange(num_nodes, device=edge_index.device).expand(2, num_nodes)
-    out = torch.cat([edge_index[:, keep], loops], dim=1)
-    if kept:
-        _WITH_SELF_LOOPS[edge_index] = (edge_index._version, num_nodes, out)
-    return out
+    """Drop existing self-loops, then add i -> i for every node: (2, E') with E' = E - loops + N
+    (PyG's convention; the layers use `with_self_loops`, which keeps the size fixed)."""
+    ei, real = with_self_loops(edge_index, num_nodes)
+    return ei[:, real]
 
 
 def gcn_norm(edge_index: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """The non-zeros of Â = D^-1/2 (A + I) D^-1/2 as (edge_index with self-loops (2, E'), weights (E',)).
+    """The non-zeros of Â = D^-1/2 (A + I) D^-1/2 as (edge_index with self-loops (2, E + N), weights (E + N,)).
 
-    d_i counts the in-edges of i including its self-loop; weight of j -> i is 1 / sqrt(d_i d_j)."""
-    ei = add_self_loops(edge_index, num_nodes)
+    d_i counts the in-edges of i including its self-loop; weight of j -> i is 1 / sqrt(d_i d_j),
+    and 0 on the self-loops edge_index already had (see `with_self_loops`)."""
+    ei, real = with_self_loops(edge_index, num_nodes)
     src, dst = ei
-    deg = torch.zeros(num_nodes, device=ei.device).index_add_(0, dst, torch.ones(dst.numel(), device=ei.device))
+    counted = real.to(torch.get_default_dtype())  # (E + N,): 1 per edge of A + I
+    deg = counted.new_zeros(num_nodes).index_add_(0, dst, counted)
     inv_sqrt = deg.pow(-0.5)  # every node has its self-loop: deg >= 1
-    return ei, inv_sqrt[src] * inv_sqrt[dst]
+    return ei, inv_sqrt[src] * inv_sqrt[dst] * counted
 
 
 def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -203,16 +199,17 @@ class GATLayer(nn.Module):
         """h (N, F_in) -> (N, K*F_out) or (N, F_out); with return_attention also
         (edge_index with self-loops (2, E'), alpha (E', K))."""
         n = h.size(0)
-        ei = add_self_loops(edge_index, n)
+        ei, real = with_self_loops(edge_index, n)
         src, dst = ei
         z = self.linear(h).view(n, self.heads, self.out_features)  # (N, K, F_out)
         score_src = (z * self.att_src).sum(-1)  # (N, K): a_src . z_j
         score_dst = (z * self.att_dst).sum(-1)  # (N, K): a_dst . z_i
-        e = F.leaky_relu(score_dst[dst] + score_src[src], self.negative_slope)  # (E', K)
-        alpha = segment_softmax(e, dst, n)  # (E', K), sums to 1 over each N(i) u {i}
+        e = F.leaky_relu(score_dst[dst] + score_src[src], self.negative_slope)  # (E + N, K)
+        e = e.masked_fill(~real[:, None], float("-inf"))  # a replaced self-loop gets alpha = 0
+        alpha = segment_softmax(e, dst, n)  # (E + N, K), sums to 1 over each N(i) u {i}
         weights = F.dropout(alpha, self.dropout, self.training)  # attention dropout (the paper's, p=0.6)
         out = scatter_sum(weights.unsqueeze(-1) * z[src], dst, n)  # (N, K, F_out)
         out = out.reshape(n, -1) if self.concat else out.mean(dim=1)
         if self.bias is not None:
             out = out + self.bias
-        return (out, (ei, alpha)) if return_attention else out
+        return (out, (ei[:, real], alpha[real])) if return_attention else out
