@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import EXPERIMENTS, MLP_DIGITS, smoke_benchmark_runs
+from helpers import EXPERIMENTS, MLP_DIGITS, REPO, smoke_benchmark_runs
 from litlab import runner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -33,9 +33,14 @@ def test_classifier_learns_under_cuda_graphs(tracking_uri):
 
 
 # the digits MLP, and the ResNet-18 and GPT-2 benchmarks at their smoke sizes (their code paths on a
-# GPU: bf16 autocast, fused optimisers, channels_last, the data held on the device)
-@pytest.mark.parametrize("source, overrides", [pytest.param(str(MLP_DIGITS), [], id="mlp_digits"),
-                                               *smoke_benchmark_runs(("resnet18", "gpt2"))])
+# GPU: bf16 autocast, fused optimisers, channels_last, the data held on the device), and a packed-RNN
+# seq2seq (lengths kept on the host, the sort order sent over asynchronously)
+SEQ2SEQ = REPO / "experiments" / "rnn" / "seq2seq_reverse_attention.yaml"
+
+
+@pytest.mark.parametrize("source, overrides", [
+    pytest.param(str(MLP_DIGITS), [], id="mlp_digits"), *smoke_benchmark_runs(("resnet18", "gpt2")),
+    pytest.param(str(SEQ2SEQ), ["data.n_train=640", "data.n_val=64", "data.n_test=64"], id="seq2seq")])
 def test_training_steps_make_no_host_sync(source, overrides, tracking_uri, monkeypatch):
     """No host synchronisation per step: torch's sync debug mode warns at each synchronising CUDA
     call (.item(), bool(), a blocking copy either way, nonzero), and each such call stalls the CPU

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from helpers import smoke_benchmark_runs
 from litlab import fast_loop, registry, runner
@@ -31,7 +32,6 @@ WAITS_BY_DESIGN = {
     "gpt_moe": "tokens are dispatched to the experts in groups whose sizes are read",
     "graphsage": "the LSTM aggregator packs neighbourhoods by their lengths, read on the host",
     "perceptron": "Rosenblatt's rule updates on each mistake, one example at a time",
-    "seq2seq": "packed RNN sequences need their lengths on the host",
     "yolo": "each image has its own number of objects: the responsible cells are selected",
 }
 
@@ -51,11 +51,19 @@ class WaitCounter(TorchDispatchMode):
         super().__init__()
         self.counting = False
         self.steps: list[list] = []  # [first of its epoch, last of its epoch, waits]
+        self.host_tensors = WeakIdKeyDictionary()  # tensors that stay on the host on a GPU too
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.counting and waits_on_a_gpu(func, args):
+        out = func(*args, **(kwargs or {}))
+        if func is A._pack_padded_sequence.default:  # a PackedSequence's batch_sizes: made on the host
+            self.host_tensors[out[1]] = True
+        elif self.counting and waits_on_a_gpu(func, args) and not self.reads_the_host(func, args):
             self.steps[-1][2] += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+    def reads_the_host(self, func, args) -> bool:
+        read = args[0]._base if args[0]._base is not None else args[0]  # batch_sizes[0] is a view
+        return func is A._local_scalar_dense.default and read in self.host_tensors
 
     def install(self, monkeypatch) -> None:
         advance, fetch, counter = fast_loop.LeanTrainingEpochLoop.advance, fast_loop.LeanTrainingEpochLoop._fetch, self

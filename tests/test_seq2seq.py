@@ -70,6 +70,35 @@ def test_batch_format():
         assert tgt_out[b, n] == EOS and (tgt_out[b, n + 1:] == PAD).all()  # reverse: |tgt| = |src|
 
 
+def test_packing_by_host_lengths_is_torchs_packing():
+    """pack_by_length (no blocking copy of the sort order) builds the PackedSequence torch's
+    pack_padded_sequence(enforce_sorted=False) builds, and the GRU reads it the same way."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from litlab.chapters.seq2seq.nets import pack_by_length
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(6, 9, 4), torch.tensor([3, 9, 1, 9, 5, 2])
+    ours, ref = pack_by_length(x, lengths), pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    gru = torch.nn.GRU(4, 3, batch_first=True, bidirectional=True)
+    (out, h), (ref_out, ref_h) = gru(ours), gru(ref)
+    assert torch.equal(h, ref_h)
+    assert torch.equal(pad_packed_sequence(out, batch_first=True)[0], pad_packed_sequence(ref_out, batch_first=True)[0])
+
+
+def test_source_lengths_stay_on_the_host_when_a_batch_is_moved():
+    """The encoder packs by src_len on the host: moving it to the GPU and reading it back would
+    stall every training step (tests/test_gpu.py checks the step on a GPU)."""
+    dm = _dm(min_len=2, max_len=12)
+    batch = next(iter(dm.train_dataloader()))
+    module = Seq2SeqModule(vocab_size=len(dm.vocab), max_target_len=dm.max_target_len(), hidden_size=8)
+    src, src_len, tgt_in, tgt_out = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in (src, src_len, tgt_in, tgt_out)] == ["meta", "cpu", "meta", "meta"]
+    assert src_len is batch[1]
+
+
 def test_impossible_sizes_are_config_errors():
     with pytest.raises(ConfigError, match="data.n_train"):
         Seq2SeqTaskDataModule(min_len=1, max_len=2, n_train=100)

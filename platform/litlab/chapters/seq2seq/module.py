@@ -118,6 +118,13 @@ class Seq2SeqModule(TranslationSteps):
                            attention_dim, dropout)
         self._make_metrics()
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """(src, src_len, tgt_in, tgt_out): src_len stays on the host, where the encoder packs by it
+        (from the device, reading it back would stall every step until the GPU caught up)."""
+        src, src_len, *targets = batch
+        moved = super().transfer_batch_to_device((src, *targets), device, dataloader_idx)
+        return type(batch)((moved[0], src_len, *moved[1:]))
+
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor) -> Tensor:
         return self.net(src, src_len, tgt_in)[0]  # teacher-forced logits (B, T, V)
 
@@ -151,7 +158,7 @@ class Seq2SeqModule(TranslationSteps):
 
         was_training = self.training
         self.eval()
-        pred, alpha = self.greedy(src.to(self.device), src_len.to(self.device))
+        pred, alpha = self.greedy(src.to(self.device), src_len)
         self.train(was_training)
         if alpha is None:
             raise ValueError("attention='none' has no attention weights to plot")

@@ -13,7 +13,9 @@ Notation: source x_1..x_S -> encoder states h_j (B, S, E); decoder state s_i (B,
     none:  s_i = RNN(E y_{i-1}, s_{i-1}),  s_0 = bridge(final encoder state),  logits_i = W_o s_i
 
 Recurrences use torch's nn.GRU / nn.LSTM (cuDNN on a GPU); the encoder packs the padded batch so
-that its final state is the one at each sequence's true last token.
+that its final state is the one at each sequence's true last token. Packing needs the lengths on the
+host: give them there (the LightningModule keeps `src_len` on the host when it moves a batch), and
+`pack_by_length` packs without a blocking copy, so a training step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from litlab.data.seq2seq_tasks import BOS, EOS, PAD
 
@@ -38,10 +40,24 @@ def _top(state: State) -> Tensor:
     return (state[0] if isinstance(state, tuple) else state)[-1]
 
 
+def pack_by_length(x: Tensor, lengths: Tensor) -> PackedSequence:
+    """pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) for x (B, S, D) on any
+    device and lengths (B,) on the host, without the host sync that call makes on a GPU: it copies
+    the sort order to the device with a blocking copy, which waits for every queued kernel. The
+    order goes over asynchronously here (from pageable memory, staged at once); its inverse is
+    computed on the device. Same PackedSequence, so the RNN and pad_packed_sequence restore the
+    batch order as usual."""
+    lengths, order = torch.sort(lengths.cpu().long(), descending=True)  # (B,), host
+    order = order.to(x.device, non_blocking=True)
+    packed = pack_padded_sequence(x.index_select(0, order), lengths, batch_first=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return PackedSequence(packed.data, packed.batch_sizes, order, inverse)
+
+
 class Encoder(nn.Module):
     """Embedding + (bi)directional multi-layer GRU/LSTM over a padded batch.
 
-    forward(src (B, S), src_len (B,)) -> states h (B, S, E) with E = H * directions (0 at padding),
+    forward(src (B, S), src_len (B,), best on the host) -> states h (B, S, E) with E = H * directions (0 at padding),
     and the decoder's initial state (L, B, H): the final state, for a bidirectional encoder both
     directions' final states through a bridge s_0 = tanh(W_b [h_fwd; h_bwd]).
     """
@@ -65,7 +81,7 @@ class Encoder(nn.Module):
 
     def forward(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, State]:
         x = self.drop(self.embed(src))  # (B, S, D)
-        packed = pack_padded_sequence(x, src_len.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_by_length(x, src_len)  # src_len on the device costs a sync here: .cpu() waits
         out, state = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, E)
         state = tuple(self._bridge(s) for s in state) if isinstance(state, tuple) else self._bridge(state)
