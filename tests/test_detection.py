@@ -126,6 +126,53 @@ def test_loss_is_zero_for_a_perfect_prediction_and_positive_otherwise(form, size
     assert loss(net, spoilt, targets)["noobj"].item() > 0.05  # sse: lambda_noobj * 1^2 / 6 images
 
 
+def loss_object_by_object(net: YoloNet, out: torch.Tensor, targets: torch.Tensor, form: str, l_coord: float,
+                          l_noobj: float) -> dict[str, float]:
+    """Eq. 3 of the YOLO paper summed in Python, one image and one object at a time."""
+    import torch.nn.functional as F
+
+    code, obj_logit, cls_logit = net.split(out.float())
+    pred = net.decode(code)
+    total = dict.fromkeys(("coord", "obj", "noobj", "cls"), 0.0)
+    for b, (boxes, labels) in enumerate(unpad(targets)):
+        responsible = torch.zeros(obj_logit.shape[1:], dtype=torch.bool)
+        for box, label in zip(boxes, labels):
+            i, j = (int(v) for v in bx.box_cell(box, net.stride, net.grid))
+            ious = torch.stack([bx.elementwise_iou(pred[b, i, j, a], box) for a in range(net.A)])
+            a = int(ious.argmax())
+            responsible[i, j, a] = True
+            target = bx.encode(box, torch.tensor(i), torch.tensor(j), net.stride, net.image_size, net.size,
+                               net.priors[a])
+            total["coord"] += l_coord * float(((code[b, i, j, a] - target) ** 2).sum())
+            logit, cls = obj_logit[b, i, j, a], cls_logit[b, i, j]
+            if form == "sse":
+                total["obj"] += float((logit.sigmoid() - ious[a]) ** 2)
+                total["cls"] += float(((cls.softmax(-1) - F.one_hot(label.long(), net.num_classes)) ** 2).sum())
+            else:
+                total["obj"] += float(F.softplus(-logit))  # -log sigmoid(t_o)
+                total["cls"] += float(F.cross_entropy(cls, label.long()))
+        empty = obj_logit[b][~responsible]
+        total["noobj"] += l_noobj * float((empty.sigmoid() ** 2).sum() if form == "sse" else F.softplus(empty).sum())
+    n = len(targets)
+    return {k: v / n for k, v in total.items()}
+
+
+@pytest.mark.parametrize("form", ["sse", "logistic"])
+@pytest.mark.parametrize("size,A", [("sqrt", 1), ("log", 3)])
+def test_loss_equals_the_paper_summed_object_by_object(form, size, A):
+    """The loss scores every padded target slot (empty ones with weight 0) so that no tensor is
+    sized by the number of objects; it must equal eq. 3 summed over the real objects alone."""
+    targets = make_shapes(5, seed=3, min_objects=0, max_objects=4)["targets"]
+    assert (targets[..., 4] < 0).any() and (targets[..., 4] >= 0).any()  # empty slots, real objects
+    net = YoloNet(3, 64, 3, boxes_per_cell=A, widths=[4, 4, 4], head_width=4, size=size)
+    out = torch.randn(5, net.grid, net.grid, A * 5 + 3, generator=torch.Generator().manual_seed(0))
+    parts = YoloLoss(5.0, 0.5, form)(net, out, targets)
+    expected = loss_object_by_object(net, out, targets, form, 5.0, 0.5)
+    for k, v in expected.items():
+        assert math.isclose(parts[k].item(), v, rel_tol=1e-5, abs_tol=1e-6), (k, parts[k].item(), v)
+    assert math.isclose(parts["loss"].item(), sum(expected.values()), rel_tol=1e-5)
+
+
 # ---------------------------------------------------------------- mean average precision
 def test_map_by_hand():
     gt = [{"boxes": t([0, 0, 10, 10]), "labels": torch.tensor([0])}]

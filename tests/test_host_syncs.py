@@ -32,7 +32,6 @@ WAITS_BY_DESIGN = {
     "gpt_moe": "tokens are dispatched to the experts in groups whose sizes are read",
     "graphsage": "the LSTM aggregator packs neighbourhoods by their lengths, read on the host",
     "perceptron": "Rosenblatt's rule updates on each mistake, one example at a time",
-    "yolo": "each image has its own number of objects: the responsible cells are selected",
 }
 
 

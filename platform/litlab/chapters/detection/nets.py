@@ -116,7 +116,7 @@ class YoloLoss(nn.Module):
     With form="logistic" the two confidence terms are binary cross-entropies on t_o with target 1 /
     0 and the class term is the cross-entropy (as in later YOLOs), which trains faster.
     lambda_noobj < 1 because most cells are empty: without it their gradient swamps the few objects.
-    If two objects fall in the same cell, the last one in the target list wins (this data never has it).
+    If two objects fall in the same cell, each adds its own terms (this data never has it).
     """
 
     def __init__(self, lambda_coord: float = 5.0, lambda_noobj: float = 0.5, form: Literal["sse", "logistic"] = "sse"):
@@ -131,34 +131,39 @@ class YoloLoss(nn.Module):
         code, obj_logit, cls_logit = net.split(out.float())  # (B,G,G,A,4), (B,G,G,A), (B,G,G,C)
         pred_boxes = net.decode(code)  # (B, G, G, A, 4)
 
-        valid = targets[..., 4] >= 0  # (B, M)
-        b_idx = torch.arange(B, device=out.device)[:, None].expand_as(valid)[valid]  # (N,) one per object
-        gt = targets[valid]  # (N, 5)
-        gi, gj = bx.box_cell(gt[:, :4], net.stride, net.grid)  # (N,) cell row / column
+        # Every target slot (B, M) is scored, an empty one with weight 0 at a stand-in box in cell
+        # (0, 0): selecting only the real objects would size the tensors from the values, which on a
+        # GPU means waiting for the device at every step.
+        weight = (targets[..., 4] >= 0).to(code.dtype)  # (B, M): 1 per real object
+        stand_in = targets.new_tensor([0.0, 0.0, net.stride, net.stride])
+        gt = torch.where(weight[..., None] > 0, targets[..., :4], stand_in)  # (B, M, 4)
+        label = targets[..., 4].clamp_min(0).long()  # (B, M)
+        gi, gj = bx.box_cell(gt, net.stride, net.grid)  # (B, M) cell row / column
+        b_idx = torch.arange(B, device=out.device)[:, None].expand_as(gi)  # (B, M)
         # Responsible predictor: highest IoU between the cell's A predicted boxes and the truth.
-        ious = bx.elementwise_iou(pred_boxes[b_idx, gi, gj], gt[:, None, :4])  # (N, A)
-        best_iou, ga = ious.detach().max(-1)  # (N,)
+        ious = bx.elementwise_iou(pred_boxes[b_idx, gi, gj], gt[..., None, :])  # (B, M, A)
+        best_iou, ga = ious.detach().max(-1)  # (B, M)
 
-        resp = torch.zeros(obj_logit.shape, dtype=torch.bool, device=out.device)  # 1obj_ij (B,G,G,A)
-        resp[b_idx, gi, gj, ga] = True
-        t_code = bx.encode(gt[:, :4], gi, gj, net.stride, net.image_size, net.size, net.priors[ga])  # (N, 4)
+        # 1obj_ij (B,G,G,A): weights summed per predictor, so an empty slot adds nothing where it points
+        resp = obj_logit.new_zeros(obj_logit.shape).index_put_((b_idx, gi, gj, ga), weight, accumulate=True) > 0
+        t_code = bx.encode(gt, gi, gj, net.stride, net.image_size, net.size, net.priors[ga])  # (B, M, 4)
 
         # coord: squared error on (x, y, w', h') of the responsible predictors only.
-        coord = ((code[b_idx, gi, gj, ga] - t_code) ** 2).sum()
-        noobj_mask = ~resp
-        logit_obj = obj_logit[b_idx, gi, gj, ga]  # (N,)
-        cls_obj = cls_logit[b_idx, gi, gj]  # (N, C): the cells holding an object
+        coord = (((code[b_idx, gi, gj, ga] - t_code) ** 2).sum(-1) * weight).sum()
+        noobj_mask = (~resp).to(code.dtype)  # 1noobj_ij
+        logit_obj = obj_logit[b_idx, gi, gj, ga]  # (B, M)
+        cls_obj = cls_logit[b_idx, gi, gj]  # (B, M, C): the cells holding an object
         if self.form == "sse":
             conf = obj_logit.sigmoid()
-            obj = ((conf[b_idx, gi, gj, ga] - best_iou) ** 2).sum()  # target C = IoU(pred, truth)
-            noobj = (conf[noobj_mask] ** 2).sum()  # target C = 0
-            one_hot = F.one_hot(gt[:, 4].long(), net.num_classes).to(cls_obj)
-            cls = ((cls_obj.softmax(-1) - one_hot) ** 2).sum()
+            obj = (((conf[b_idx, gi, gj, ga] - best_iou) ** 2) * weight).sum()  # target C = IoU(pred, truth)
+            noobj = (conf ** 2 * noobj_mask).sum()  # target C = 0
+            one_hot = F.one_hot(label, net.num_classes).to(cls_obj)
+            cls = (((cls_obj.softmax(-1) - one_hot) ** 2).sum(-1) * weight).sum()
         else:
-            obj = F.binary_cross_entropy_with_logits(logit_obj, torch.ones_like(logit_obj), reduction="sum")
-            noobj = F.binary_cross_entropy_with_logits(obj_logit[noobj_mask], torch.zeros_like(obj_logit[noobj_mask]),
-                                                       reduction="sum")
-            cls = F.cross_entropy(cls_obj, gt[:, 4].long(), reduction="sum")
+            bce = F.binary_cross_entropy_with_logits
+            obj = (bce(logit_obj, torch.ones_like(logit_obj), reduction="none") * weight).sum()
+            noobj = (bce(obj_logit, torch.zeros_like(obj_logit), reduction="none") * noobj_mask).sum()
+            cls = (F.cross_entropy(cls_obj.flatten(0, 1), label.flatten(), reduction="none") * weight.flatten()).sum()
         parts = {"coord": self.lambda_coord * coord / B, "obj": obj / B, "noobj": self.lambda_noobj * noobj / B,
                  "cls": cls / B}
         parts["loss"] = parts["coord"] + parts["obj"] + parts["noobj"] + parts["cls"]
