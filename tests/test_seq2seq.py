@@ -71,11 +71,12 @@ def test_batch_format():
 
 
 def test_packing_by_host_lengths_is_torchs_packing():
-    """pack_by_length (no blocking copy of the sort order) builds the PackedSequence torch's
-    pack_padded_sequence(enforce_sorted=False) builds, and the GRU reads it the same way."""
+    """pack_by_length and pad_by_length (no index copied between host and device) build what torch's
+    pack_padded_sequence(enforce_sorted=False) and pad_packed_sequence build, and the GRU reads it
+    the same way."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    from litlab.chapters.seq2seq.nets import pack_by_length
+    from litlab.chapters.seq2seq.nets import pack_by_length, pad_by_length
 
     torch.manual_seed(0)
     x, lengths = torch.randn(6, 9, 4), torch.tensor([3, 9, 1, 9, 5, 2])
@@ -85,7 +86,7 @@ def test_packing_by_host_lengths_is_torchs_packing():
     gru = torch.nn.GRU(4, 3, batch_first=True, bidirectional=True)
     (out, h), (ref_out, ref_h) = gru(ours), gru(ref)
     assert torch.equal(h, ref_h)
-    assert torch.equal(pad_packed_sequence(out, batch_first=True)[0], pad_packed_sequence(ref_out, batch_first=True)[0])
+    assert torch.equal(pad_by_length(out, 11), pad_packed_sequence(ref_out, batch_first=True, total_length=11)[0])
 
 
 def test_source_lengths_stay_on_the_host_when_a_batch_is_moved():

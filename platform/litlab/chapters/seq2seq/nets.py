@@ -15,7 +15,8 @@ Notation: source x_1..x_S -> encoder states h_j (B, S, E); decoder state s_i (B,
 Recurrences use torch's nn.GRU / nn.LSTM (cuDNN on a GPU); the encoder packs the padded batch so
 that its final state is the one at each sequence's true last token. Packing needs the lengths on the
 host: give them there (the LightningModule keeps `src_len` on the host when it moves a batch), and
-`pack_by_length` packs without a blocking copy, so a training step never waits for the GPU.
+`pack_by_length` / `pad_by_length` pack and unpack without copying an index between host and device
+(torch's own functions do, and wait for the GPU), so a training step never waits for it.
 """
 
 from __future__ import annotations
@@ -45,13 +46,21 @@ def pack_by_length(x: Tensor, lengths: Tensor) -> PackedSequence:
     device and lengths (B,) on the host, without the host sync that call makes on a GPU: it copies
     the sort order to the device with a blocking copy, which waits for every queued kernel. The
     order goes over asynchronously here (from pageable memory, staged at once); its inverse is
-    computed on the device. Same PackedSequence, so the RNN and pad_packed_sequence restore the
-    batch order as usual."""
+    computed on the device. The same PackedSequence: the RNN puts its final state back in batch order."""
     lengths, order = torch.sort(lengths.cpu().long(), descending=True)  # (B,), host
     order = order.to(x.device, non_blocking=True)
     packed = pack_padded_sequence(x.index_select(0, order), lengths, batch_first=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return PackedSequence(packed.data, packed.batch_sizes, order, inverse)
+
+
+def pad_by_length(packed: PackedSequence, total_length: int) -> Tensor:
+    """pad_packed_sequence(packed, batch_first=True, total_length=total_length)[0] (B, S, *) without
+    its host sync: it also returns the lengths in batch order, indexed by the order copied back
+    from the device. Padded in the packed (sorted) order, then put back in batch order on the device."""
+    by_length, _ = pad_packed_sequence(PackedSequence(packed.data, packed.batch_sizes), batch_first=True,
+                                       total_length=total_length)
+    return by_length.index_select(0, packed.unsorted_indices)
 
 
 class Encoder(nn.Module):
@@ -83,7 +92,7 @@ class Encoder(nn.Module):
         x = self.drop(self.embed(src))  # (B, S, D)
         packed = pack_by_length(x, src_len)  # src_len on the device costs a sync here: .cpu() waits
         out, state = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])  # (B, S, E)
+        out = pad_by_length(out, total_length=src.shape[1])  # (B, S, E)
         state = tuple(self._bridge(s) for s in state) if isinstance(state, tuple) else self._bridge(state)
         return out, state
 
