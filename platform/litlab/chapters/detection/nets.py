@@ -135,7 +135,7 @@ class YoloLoss(nn.Module):
         # (0, 0): selecting only the real objects would size the tensors from the values, which on a
         # GPU means waiting for the device at every step.
         weight = (targets[..., 4] >= 0).to(code.dtype)  # (B, M): 1 per real object
-        stand_in = targets.new_tensor([0.0, 0.0, net.stride, net.stride])
+        stand_in = torch.cat([targets.new_zeros(2), targets.new_full((2,), float(net.stride))])  # filled there, not copied
         gt = torch.where(weight[..., None] > 0, targets[..., :4], stand_in)  # (B, M, 4)
         label = targets[..., 4].clamp_min(0).long()  # (B, M)
         gi, gj = bx.box_cell(gt, net.stride, net.grid)  # (B, M) cell row / column
