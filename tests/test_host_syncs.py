@@ -4,10 +4,10 @@ On a GPU, a call that needs a value back from the device (.item(), bool(), a boo
 selection, nonzero, bincount, unique, ...) stalls the host until the GPU has caught up, so the next
 step cannot be queued behind the running one. Here a TorchDispatchMode counts the ops that would
 wait there, step by step (tests/test_gpu.py checks the same on a GPU with torch's sync debug
-mode). Data loading is left out (a batch is made on the host before it is moved). The first batch
-of an epoch (its index order, caches filled) and its last (the progress bar's values as Lightning
-leaves them) may wait; no other step may, except in the models listed with the reason their
-computation needs it.
+mode). Left out: data loading (a batch is made on the host before it is moved) and, after an
+epoch's last batch, Lightning's own progress-bar update (it reads the step's values once an epoch).
+The run's first step may wait (a model may check its data once); no other step may, except in the
+models listed with the reason their computation needs it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 from helpers import smoke_benchmark_runs
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from litlab import fast_loop, registry, runner
 from test_registry import MODEL_NAMES, _build
 
@@ -43,51 +46,129 @@ def waits_on_a_gpu(func, args) -> bool:
     return False
 
 
+class HostReads(TorchFunctionMode):
+    """The Python-level half of WaitCounter: reads of GPU tensors to the host, and tensors made from
+    Python data for the GPU (a blocking copy from the host), while the counter counts."""
+
+    READS = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__}
+    FROM_DATA = {torch.tensor, torch.as_tensor}
+
+    def __init__(self, counter: "WaitCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        c = self.counter
+        if c.counting:
+            if func in self.READS and args[0] in c.on_device:
+                c.wait()
+            elif func is torch.Tensor.new_tensor and args[0] in c.on_device and not isinstance(args[1], torch.Tensor):
+                c.wait()
+            elif func in self.FROM_DATA and isinstance(kwargs.get("device"), torch.device) \
+                    and not isinstance(args[0], torch.Tensor):
+                c.wait()
+        return func(*args, **kwargs)
+
+
 class WaitCounter(TorchDispatchMode):
-    """Counts, inside each lean training step but outside its batch fetch, the ops that would wait."""
+    """Counts, inside each lean training step but outside its batch fetch, the ops that would wait.
+
+    Reading a tensor to Python (.cpu(), .tolist(), .numpy()) or making one from Python data for the
+    device happens above the ops a TorchDispatchMode sees and costs nothing on a CPU, so `HostReads`
+    counts those calls, on the tensors a GPU run would hold on the GPU: the module's parameters and
+    buffers, the batch as its transfer hook moves it, and whatever is computed from them."""
 
     def __init__(self):
         super().__init__()
         self.counting = False
-        self.steps: list[list] = []  # [first of its epoch, last of its epoch, waits]
+        self.steps: list[int] = []  # waits of each step
         self.host_tensors = WeakIdKeyDictionary()  # tensors that stay on the host on a GPU too
+        self.on_device = WeakIdKeyDictionary()  # tensors that would be on the GPU
+        self.reads = HostReads(self)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is A._pack_padded_sequence.default:  # a PackedSequence's batch_sizes: made on the host
             self.host_tensors[out[1]] = True
         elif self.counting and waits_on_a_gpu(func, args) and not self.reads_the_host(func, args):
-            self.steps[-1][2] += 1
+            self.wait()
+        if self.counting and any(isinstance(t, torch.Tensor) and t in self.on_device
+                                 for t in tree_leaves((args, kwargs))):
+            self.place(out)
         return out
+
+    def wait(self) -> None:
+        self.steps[-1] += 1
+
+    def place(self, tree) -> None:
+        """Marks the tensors of `tree` as held on the GPU."""
+        for t in tree_leaves(tree):
+            if isinstance(t, torch.Tensor):
+                self.on_device[t] = True
+            elif hasattr(t, "stores"):  # a torch_geometric Data / Batch
+                self.place([dict(store) for store in t.stores])
+
+    def place_batch(self, module, batch) -> None:
+        """The batch's tensors as the module's transfer hook moves them: a hook of its own may keep
+        some on the host (a meta device shows which)."""
+        if type(module).transfer_batch_to_device is L.LightningModule.transfer_batch_to_device:
+            return self.place(batch)
+        moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+        for before, after in zip(tree_leaves(batch), tree_leaves(moved)):
+            if after is not before:
+                self.place(before)
 
     def reads_the_host(self, func, args) -> bool:
         read = args[0]._base if args[0]._base is not None else args[0]  # batch_sizes[0] is a view
         return func is A._local_scalar_dense.default and read in self.host_tensors
 
+    def __enter__(self):
+        self.reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.reads.__exit__(*exc)
+
     def install(self, monkeypatch) -> None:
         advance, fetch, counter = fast_loop.LeanTrainingEpochLoop.advance, fast_loop.LeanTrainingEpochLoop._fetch, self
 
         def counted_advance(loop, data_fetcher):
-            counter.steps.append([loop.batch_progress.current.ready == 0, False, 0])
+            counter.steps.append(0)
+            module = loop.trainer.lightning_module
+            counter.place([*module.parameters(), *module.buffers()])
             counter.counting = True
             try:
                 return advance(loop, data_fetcher)
             finally:
                 counter.counting = False
-                counter.steps[-1][1] = loop.done
 
         def uncounted_fetch(loop, data_fetcher):
-            counter.counting = False
+            counting, counter.counting = counter.counting, False
             try:
-                return fetch(loop, data_fetcher)
+                batch = fetch(loop, data_fetcher)
+                counter.place_batch(loop.trainer.lightning_module, batch)
+                return batch
             finally:
-                counter.counting = True
+                counter.counting = counting
 
+        def progress_bar_at_epoch_end(connector):
+            if not connector.trainer.fit_loop.epoch_loop.done:
+                return on_batch_end(connector)
+            counting, counter.counting = counter.counting, False
+            try:
+                return on_batch_end(connector)
+            finally:
+                counter.counting = counting
+
+        on_batch_end = _LoggerConnector.on_batch_end
         monkeypatch.setattr(fast_loop.LeanTrainingEpochLoop, "advance", counted_advance)
         monkeypatch.setattr(fast_loop.LeanTrainingEpochLoop, "_fetch", uncounted_fetch)
+        monkeypatch.setattr(_LoggerConnector, "on_batch_end", progress_bar_at_epoch_end)
 
     def waiting_steps(self, also_allowed=lambda i: False) -> dict[int, int]:
-        return {i: n for i, (first, last, n) in enumerate(self.steps) if n and not (first or last or also_allowed(i))}
+        return {i: n for i, n in enumerate(self.steps) if n and i > 0 and not also_allowed(i)}
 
 
 def test_the_reasons_name_registered_models():
@@ -100,12 +181,12 @@ def test_a_training_step_waits_for_nothing(name, tmp_path, monkeypatch):
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         log_every_n_steps=50, default_root_dir=tmp_path)
-    assert fast_loop.install(trainer)
     counter = WaitCounter()
-    counter.install(monkeypatch)
+    counter.install(monkeypatch)  # first: the lean loop keeps the logger connector's on_batch_end
+    assert fast_loop.install(trainer)
     with counter:
         trainer.fit(model, datamodule=dm)
-    assert len(counter.steps) >= 3
+    assert len(counter.steps) >= 3  # max_steps counts optimiser steps: a GAN takes two a batch
     assert not counter.waiting_steps(), f"{name}: steps that would wait on a GPU (step: ops) {counter.waiting_steps()}"
 
 
@@ -136,3 +217,27 @@ def test_device_mean_is_torchmetrics_mean():
         ours.update(value, weight=weight)
         reference.update(torch.as_tensor(value, dtype=torch.float32), weight=weight)
     torch.testing.assert_close(ours.compute(), reference.compute())
+
+
+def test_logged_numbers_are_made_on_the_device_as_lightning_makes_them():
+    """log_numbers_without_copies fills a logged Python number into a 0-dim tensor on the module's
+    device (no host-to-device copy) with the value and dtype Lightning's torch.tensor gives it."""
+    from litlab.lightning_speedups import log_numbers_without_copies
+
+    module = L.LightningModule()
+    log_numbers_without_copies()
+    ours = L.LightningModule._LightningModule__to_tensor  # what module.log calls
+    assert getattr(ours, "_litlab", False)
+    for default in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            for value in (0.1, 3, True, -2.5e-8, float("inf")):
+                mine = ours(module, value, "x")
+                reference = torch.tensor(value, dtype=default).squeeze()
+                assert mine.dtype == reference.dtype and mine.shape == reference.shape == ()
+                assert torch.equal(mine, reference), (value, mine, reference)
+        finally:
+            torch.set_default_dtype(previous)
+    tensor = torch.tensor([2.0])
+    assert torch.equal(ours(module, tensor, "x"), tensor.squeeze())  # tensors: Lightning's clone

@@ -44,6 +44,28 @@ def _all_on(attributes: dict, device: torch.device) -> bool:
     return True
 
 
+def log_numbers_without_copies() -> None:
+    """`self.log(name, 0.5)` makes its tensor with torch.tensor(value, device=module.device): on a GPU
+    a blocking host-to-device copy, so a host sync per logged number per step (an RL module logging
+    its exploration rate stalls every step). torch.full fills the same 0-dim tensor on the device
+    (the number travels as a kernel argument). Python int/float/bool only; anything else, tensors
+    included, is Lightning's."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _get_default_dtype
+
+    original = LightningModule._LightningModule__to_tensor
+    if getattr(original, "_litlab", False):
+        return
+
+    def to_tensor(self, value, name: str) -> torch.Tensor:
+        if type(value) in (float, int, bool):
+            return torch.full((), value, device=self.device, dtype=_get_default_dtype())
+        return original(self, value, name)
+
+    to_tensor._litlab = True
+    LightningModule._LightningModule__to_tensor = to_tensor
+
+
 def defer_progress_bar_reads(trainer) -> None:
     """After every training batch Lightning's logger connector converts each value logged with
     on_step=True and prog_bar=True to a Python number for the progress bar: a host sync per value

@@ -157,7 +157,7 @@ class YoloLoss(nn.Module):
             conf = obj_logit.sigmoid()
             obj = (((conf[b_idx, gi, gj, ga] - best_iou) ** 2) * weight).sum()  # target C = IoU(pred, truth)
             noobj = (conf ** 2 * noobj_mask).sum()  # target C = 0
-            one_hot = F.one_hot(label, net.num_classes).to(cls_obj)
+            one_hot = torch.zeros_like(cls_obj).scatter_(-1, label[..., None], 1.0)  # (B, M, C); F.one_hot reads max
             cls = (((cls_obj.softmax(-1) - one_hot) ** 2).sum(-1) * weight).sum()
         else:
             bce = F.binary_cross_entropy_with_logits
