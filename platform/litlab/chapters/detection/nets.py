@@ -135,7 +135,8 @@ class YoloLoss(nn.Module):
         # (0, 0): selecting only the real objects would size the tensors from the values, which on a
         # GPU means waiting for the device at every step.
         weight = (targets[..., 4] >= 0).to(code.dtype)  # (B, M): 1 per real object
-        stand_in = torch.cat([targets.new_zeros(2), targets.new_full((2,), float(net.stride))])  # filled there, not copied
+        # the stand-in box [0, 0, stride, stride], filled on the device (new_tensor would copy it over)
+        stand_in = torch.cat([targets.new_zeros(2), targets.new_full((2,), float(net.stride))])
         gt = torch.where(weight[..., None] > 0, targets[..., :4], stand_in)  # (B, M, 4)
         label = targets[..., 4].clamp_min(0).long()  # (B, M)
         gi, gj = bx.box_cell(gt, net.stride, net.grid)  # (B, M) cell row / column
@@ -157,7 +158,7 @@ class YoloLoss(nn.Module):
             conf = obj_logit.sigmoid()
             obj = (((conf[b_idx, gi, gj, ga] - best_iou) ** 2) * weight).sum()  # target C = IoU(pred, truth)
             noobj = (conf ** 2 * noobj_mask).sum()  # target C = 0
-            one_hot = torch.zeros_like(cls_obj).scatter_(-1, label[..., None], 1.0)  # (B, M, C); F.one_hot reads max
+            one_hot = torch.zeros_like(cls_obj).scatter_(-1, label[..., None], 1.0)  # (B, M, C), no read of max
             cls = (((cls_obj.softmax(-1) - one_hot) ** 2).sum(-1) * weight).sum()
         else:
             bce = F.binary_cross_entropy_with_logits

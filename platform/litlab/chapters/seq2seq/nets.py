@@ -66,7 +66,7 @@ def pad_by_length(packed: PackedSequence, total_length: int) -> Tensor:
 class Encoder(nn.Module):
     """Embedding + (bi)directional multi-layer GRU/LSTM over a padded batch.
 
-    forward(src (B, S), src_len (B,), best on the host) -> states h (B, S, E) with E = H * directions (0 at padding),
+    forward(src (B, S), src_len (B,) on the host) -> states h (B, S, E), E = H * directions (0 at padding),
     and the decoder's initial state (L, B, H): the final state, for a bidirectional encoder both
     directions' final states through a bridge s_0 = tanh(W_b [h_fwd; h_bwd]).
     """
