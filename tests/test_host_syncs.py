@@ -12,6 +12,8 @@ models listed with the reason their computation needs it.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
@@ -131,6 +133,15 @@ class WaitCounter(TorchDispatchMode):
         super().__exit__(*exc)
         self.reads.__exit__(*exc)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Nothing counted inside; the counting state before it restored after."""
+        counting, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = counting
+
     def install(self, monkeypatch) -> None:
         advance, fetch, counter = fast_loop.LeanTrainingEpochLoop.advance, fast_loop.LeanTrainingEpochLoop._fetch, self
 
@@ -145,22 +156,16 @@ class WaitCounter(TorchDispatchMode):
                 counter.counting = False
 
         def uncounted_fetch(loop, data_fetcher):
-            counting, counter.counting = counter.counting, False
-            try:
+            with counter.paused():
                 batch = fetch(loop, data_fetcher)
                 counter.place_batch(loop.trainer.lightning_module, batch)
                 return batch
-            finally:
-                counter.counting = counting
 
         def progress_bar_at_epoch_end(connector):
             if not connector.trainer.fit_loop.epoch_loop.done:
                 return on_batch_end(connector)
-            counting, counter.counting = counter.counting, False
-            try:
+            with counter.paused():
                 return on_batch_end(connector)
-            finally:
-                counter.counting = counting
 
         on_batch_end = _LoggerConnector.on_batch_end
         monkeypatch.setattr(fast_loop.LeanTrainingEpochLoop, "advance", counted_advance)
