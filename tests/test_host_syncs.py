@@ -1,10 +1,10 @@
 """No host synchronisation per training step, checked on the CPU for every registered model.
 
 On a GPU, a call that needs a value back from the device (.item(), bool(), a boolean-mask
-selection, nonzero, bincount, unique, ...) stalls the host until the GPU has caught up, so the next
-step cannot be queued behind the running one. Here a TorchDispatchMode counts the ops that would
-wait there, step by step (tests/test_gpu.py checks the same on a GPU with torch's sync debug
-mode). Left out: data loading (a batch is made on the host before it is moved) and, after an
+selection, nonzero, bincount, unique, index_put_ with accumulate=True, ...) stalls the host until
+the GPU has caught up, so the next step cannot be queued behind the running one. Here a
+TorchDispatchMode counts the ops that would wait there, step by step (tests/test_gpu.py checks the
+same on a GPU with torch's sync debug mode). Left out: data loading (a batch is made on the host before it is moved) and, after an
 epoch's last batch, Lightning's own progress-bar update (it reads the step's values once an epoch).
 The run's first step may wait (a model may check its data once); no other step may, except in the
 models listed with the reason their computation needs it.
@@ -44,7 +44,15 @@ def waits_on_a_gpu(func, args) -> bool:
     if func in WAITING_OPS:
         return True
     if func in MASK_INDEXED_OPS:  # x[mask]: the selected count is read
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
+        if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None):
+            return True
+        # index_put_(accumulate=True) on CUDA checks the indices' range by reading their max and min
+        # (.item()). The backward of x[idx] skips the check (_index_put_impl_'s unsafe=True), except
+        # under a dispatch mode like this one, where it takes index_put's checked path instead.
+        accumulate, unsafe = (list(args[3:5]) + [False, False])[:2]
+        node = torch._C._current_autograd_node()
+        in_index_backward = node is not None and node.name() == "IndexBackward0"
+        return func is not A.index.Tensor and bool(accumulate) and not unsafe and not in_index_backward
     return False
 
 

@@ -145,8 +145,13 @@ class YoloLoss(nn.Module):
         ious = bx.elementwise_iou(pred_boxes[b_idx, gi, gj], gt[..., None, :])  # (B, M, A)
         best_iou, ga = ious.detach().max(-1)  # (B, M)
 
-        # 1obj_ij (B,G,G,A): weights summed per predictor, so an empty slot adds nothing where it points
-        resp = obj_logit.new_zeros(obj_logit.shape).index_put_((b_idx, gi, gj, ga), weight, accumulate=True) > 0
+        # 1obj_ij (B,G,G,A): weights summed per predictor, so an empty slot adds nothing where it points.
+        # A scatter over the flat index: index_put_(accumulate=True) would read the indices' range
+        # back from a GPU (.item() of their max and min) at every step.
+        G, A = net.grid, net.A
+        flat = ((b_idx * G + gi) * G + gj) * A + ga  # (B, M) into (B*G*G*A,)
+        resp = obj_logit.new_zeros(obj_logit.numel()).scatter_add_(0, flat.flatten(), weight.flatten())
+        resp = resp.view(obj_logit.shape) > 0
         t_code = bx.encode(gt, gi, gj, net.stride, net.image_size, net.size, net.priors[ga])  # (B, M, 4)
 
         # coord: squared error on (x, y, w', h') of the responsible predictors only.
