@@ -41,3 +41,16 @@ def postgres_url():
             yield url
     except PostgresUnavailable as e:  # raised before the yield only
         missing(str(e))
+
+
+def pytest_runtest_logreport(report):
+    """LITLAB_TEST_LOG=FILE: each test's outcome, and a failure's traceback, appended to FILE as the
+    test ends, so a run stopped from outside (a GPU session's time limit) keeps why tests failed."""
+    path = os.environ.get("LITLAB_TEST_LOG")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # under pytest-xdist the controller writes each report
+    if not path or worker or (report.when != "call" and report.passed):
+        return
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{report.outcome.upper():7} {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
+        if report.failed:
+            log.write(report.longreprtext[-4000:].rstrip() + "\n\n")

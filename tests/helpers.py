@@ -14,6 +14,43 @@ ONLINE_EXPERIMENTS = [p for p in ALL_EXPERIMENTS if "online" in p.relative_to(RE
 EXPERIMENTS = [p for p in ALL_EXPERIMENTS if p not in ONLINE_EXPERIMENTS]
 MLP_DIGITS = REPO / "experiments" / "mlp" / "mlp_digits.yaml"
 
+# The digits experiments that tests/test_gpu.py trains under mixed precision (the perceptron learns
+# one mistake at a time, with no precision to mix) and what each reaches when it learned: its YAML
+# records its CPU result, and each bar sits between that and an untrained model (classifiers: chance
+# 0.1; FID: real vs real digits ~2, noise ~370; sample_confidence: real digits 0.95, noise 0.12).
+# stem -> [(test metric, ">=" or "<=", bar)]; tests/test_experiments.py checks that each is logged.
+DIGITS = [p for p in EXPERIMENTS if "digits" in p.name and "perceptron" not in p.name]
+LEARNED_DIGITS: dict[str, list[tuple[str, str, float]]] = {
+    "mlp_digits": [("test/acc", ">=", 0.95)],
+    "lenet_digits": [("test/acc", ">=", 0.97)],
+    "resnet_digits": [("test/acc", ">=", 0.97)],
+    **{stem: [("test/acc", ">=", 0.9)] for stem in ("alexnet_digits", "mobilenet_digits", "resnet_18_digits",
+                                                    "vgg_11_digits")},
+    "autoencoder_digits": [("test/mse", "<=", 0.03), ("test/sample_confidence", ">=", 0.5)],  # CPU 0.012, 0.73
+    "vae_digits": [("test/mse", "<=", 0.04), ("test/sample_confidence", ">=", 0.5)],  # 0.016, 0.70
+    "beta_vae_digits": [("test/mse", "<=", 0.05), ("test/sample_confidence", ">=", 0.5)],  # 0.023, 0.76
+    "ddpm_digits": [("test/fid", "<=", 10.0)],  # 2.9
+    "ddim_digits": [("test/fid", "<=", 15.0)],  # 4.7
+    "ncsn_digits": [("test/fid", "<=", 20.0)],  # 6.6
+    "cfg_digits": [("test/class_accuracy", ">=", 0.9)],  # 1.00
+    "dcgan_digits": [("test/fid", "<=", 20.0)],  # 6.2
+    "cgan_digits": [("test/class_accuracy", ">=", 0.9)],  # 0.996
+    "wgan_gp_digits": [("test/fid", "<=", 30.0)],  # 11.4
+    "wgan_clip_digits": [("test/fid", "<=", 80.0)],  # 35.2
+    "cyclegan_thicken_digits": [("test/l1_ab", "<=", 0.12)],  # 0.070; doing nothing 0.176
+    "pix2pix_inpaint_digits": [("test/l1", "<=", 0.08)],  # 0.037; copying the input 0.169
+}
+
+
+def unlearned(metrics: dict[str, float], bars: list[tuple[str, str, float]]) -> list[str]:
+    """The bars `metrics` miss, as 'name value (want OP bar)'; a missing metric misses its bar."""
+    missed = []
+    for name, op, bar in bars:
+        value = metrics.get(name, float("nan"))
+        if not (value >= bar if op == ">=" else value <= bar):  # NaN misses either way
+            missed.append(f"{name} {value:.4g} (want {op} {bar:g})")
+    return missed
+
 # A small, quick MLP run used by the tracking/resume tests (~2-4 s of training).
 QUICK = [
     "model.hidden=[32]",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import EXPERIMENTS, ONLINE_EXPERIMENTS, REPO
+from helpers import DIGITS, EXPERIMENTS, LEARNED_DIGITS, ONLINE_EXPERIMENTS, REPO
 from litlab import runner
 
 
@@ -29,6 +29,13 @@ def test_experiment_runs_with_fast_dev_run(path, tracking_uri):
                         tracking_uri=tracking_uri)
     assert result.status == "FINISHED"
     assert result.metrics, "no test metrics"
+    bars = {name for name, _, _ in LEARNED_DIGITS.get(path.stem, [])}  # what tests/test_gpu.py reads
+    assert bars <= set(result.metrics), f"not logged: {sorted(bars - set(result.metrics))}"
+
+
+def test_every_digits_experiment_has_its_learning_bars():
+    """tests/test_gpu.py trains each digits experiment under mixed precision against these bars."""
+    assert {p.stem for p in DIGITS} == set(LEARNED_DIGITS)
 
 
 @pytest.mark.parametrize("path", ONLINE_EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
