@@ -42,12 +42,14 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
 # ~3.5 minutes on an H200. ResNet-18: 3 repeats x (hand loop + litlab) x 8 epochs of 48 steps (7 timed:
 # ~3 s per side, long enough that the host's noise, +-5% over 1 s windows on the first H200 session,
 # averages out), with and without tracking where mlflow is installed (without it both variants are
-# the same untracked run, so only one is measured). GPT-2: 2 repeats x 2 epochs of 28 steps, then
+# the same untracked run, so only one is measured); the first repeat runs one more epoch under
+# torch.profiler (--profile: wall, host time in ops and GPU busy per step: whether the host sets the
+# pace, and whether litlab's host or GPU work differs from the hand loop's). GPT-2: 2 repeats x 2 epochs of 28 steps, then
 # the start-up times (~20 s). Compiled GPT-2: one repeat (mostly compilation; the second side reuses
 # the inductor cache).
 variants=default
 "$PYTHON" -c "import mlflow" 2>/dev/null && variants=default,notrack
-run 100 gpu_resnet --repeats 3 --epochs 8 --bench "resnet18:$variants"
+run 110 gpu_resnet --repeats 3 --epochs 8 --profile --bench "resnet18:$variants"
 resnet=$?
 run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
 gpt2=$?

@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "platform"))  # after PYTHONPATH: another litlab (e.g. a baseline checkout) may go first
 
 import torch  # noqa: E402
+
+from bench_clock import EpochClock, lightning_clock_callback  # noqa: E402  (beside this file)
 
 from litlab.schema import Range  # noqa: E402  (module level: BenchImages' string annotations resolve here)
 import torch.nn.functional as F  # noqa: E402
@@ -134,63 +136,6 @@ def register_bench_data() -> None:
                 x = torch.randn(n, 3, self.image_size, self.image_size, generator=g)
                 sets.append(TensorBatchDataset(x, torch.randint(0, self.num_classes, (n,), generator=g)))
             self.train_set, self.val_set, self.test_set = sets
-
-
-# ------------------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class EpochClock:
-    """Sums the time of the training steps of each epoch from `warmup_epochs` on: from the start of
-    its first step to the end of its last one (a device sync at both ends)."""
-
-    def __init__(self, warmup_epochs: int, clock: str = "wall"):
-        self.warmup_epochs = warmup_epochs
-        # wall: perf_counter; cpu: this thread's CPU time (steadier on a loaded CPU-only machine,
-        # but blind to time spent waiting, e.g. for other threads holding the GIL)
-        self.now = time.perf_counter if clock == "wall" else time.thread_time
-        self.seconds = 0.0
-        self.steps = 0
-        self.samples = 0
-        self._t0 = None
-
-    def start(self, epoch: int, device) -> None:
-        if epoch >= self.warmup_epochs:
-            sync(device)
-            self._t0 = self.now()
-
-    def step(self, samples: int) -> None:
-        if self._t0 is not None:
-            self.steps += 1
-            self.samples += samples
-
-    def stop(self, device) -> None:
-        if self._t0 is not None:
-            sync(device)
-            self.seconds += self.now() - self._t0
-            self._t0 = None
-
-
-def lightning_clock_callback(clock: EpochClock, samples_of: Callable[[Any], int]):
-    import lightning as L
-
-    class ClockCallback(L.Callback):
-        first_step_at: float | None = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            if batch_idx == 0:
-                clock.start(trainer.current_epoch, pl_module.device)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clock.step(samples_of(batch))
-            if batch_idx == trainer.num_training_batches - 1:
-                clock.stop(pl_module.device)
-
-    return ClockCallback()
 
 
 # ------------------------------------------------------------------------------------ the two sides
@@ -324,13 +269,16 @@ def measure(bench: Bench, args, variant: str) -> dict:
     samples_of = (lambda b: b[0].numel()) if tokens else (lambda b: len(b[0]))
     results: dict[str, list] = {"hand": [], "litlab": []}
     mem: dict[str, int] = {}
+    profiles: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="litlab-bench-") as tmp:
         cwd = os.getcwd()
         os.chdir(tmp)  # checkpoints and the tracking store go to a throw-away directory
         try:
             for r in range(args.repeats):
                 for side in (("hand", "litlab") if r % 2 == 0 else ("litlab", "hand")):
-                    clock = EpochClock(args.warmup_epochs, args.clock)
+                    profiled = args.profile and r == 0  # an untimed epoch more, under the profiler
+                    clock = EpochClock(args.warmup_epochs + profiled, args.clock,
+                                       args.warmup_epochs if profiled else None)
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -343,6 +291,8 @@ def measure(bench: Bench, args, variant: str) -> dict:
                         mem[side] = max(mem.get(side, 0), torch.cuda.max_memory_allocated(device))
                     rate = clock.samples / clock.seconds if clock.seconds else float("nan")
                     results[side].append(rate)
+                    if clock.profile:
+                        profiles[side] = clock.profile
                     print(f"  {bench.name:<9} {variant:<8} repeat {r + 1}: {side:<6} {rate:12,.0f} "
                           f"{'tokens' if tokens else 'samples'}/s ({clock.steps} steps in {clock.seconds:.3f} s)",
                           file=sys.stderr, flush=True)
@@ -354,6 +304,8 @@ def measure(bench: Bench, args, variant: str) -> dict:
            "hand": hand, "litlab": lit, "ratio": lit / hand, "repeats": args.repeats,
            "hand_all": results["hand"], "litlab_all": results["litlab"],
            "peak_mem_mib": {k: v / 2**20 for k, v in mem.items()}}
+    if profiles:
+        row["profile"] = profiles
     if tokens:
         n = param_count(cfg)
         peak, peak_name = device_peak_tflops(device)
@@ -441,6 +393,14 @@ def markdown(rows: list[dict], startup: dict | None) -> str:
         median = statistics.median(r["litlab_all"]) / statistics.median(r["hand_all"])
         lines.append(f"| {r['bench']} | {r['variant']} | {r['device']} | {r['hand']:,.0f} {r['unit']} | "
                      f"{r['litlab']:,.0f} {r['unit']} | {r['ratio']:.3f} | {median:.3f} | {mem_s} | {mfu_s} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines.append("")
+        lines.append("profiled epoch (`--profile`), per step: wall / host time in torch ops / GPU busy (ms)")
+        for r in profiled:
+            sides = [f"{side} " + " / ".join(f"{p[k]:.3f}" for k in ("wall_ms", "in_ops_ms", "device_busy_ms") if k in p)
+                     for side, p in sorted(r["profile"].items())]
+            lines.append(f"- {r['bench']} {r['variant']}: " + "; ".join(sides))
     peaks = {r["peak"] for r in rows if "peak" in r}
     if peaks:
         lines.append("")
@@ -474,6 +434,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides for every run (e.g. tracking.system_metrics=false), after the benchmark's")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
+    p.add_argument("--profile", action="store_true", help="one more untimed epoch per side, under torch.profiler: "
+                                                          "wall, host time in ops and GPU busy time per step")
     p.add_argument("--startup", action="store_true", help="also time `litlab --help`, `litlab models` and "
                                                           "`litlab run` to its first step")
     p.add_argument("--out", nargs="+", default=[], metavar="FILE", help="write the results to FILE.json and/or "

@@ -34,6 +34,29 @@ def test_a_wrong_override_is_one_line_and_exit_2(tmp_path):
     assert "throughput.py: error: mlp (default): trainer.max_epoch" in proc.stderr.splitlines()[-1]
 
 
+def test_the_profiled_epoch_splits_a_step_into_its_ops_and_the_rest():
+    """--profile: an untimed epoch under torch.profiler; a step's time outside torch ops (here a
+    2 ms sleep standing for Python) is wall_ms - in_ops_ms; the timed epochs are the ones after it."""
+    import time
+
+    import torch
+    from bench_clock import EpochClock
+
+    cpu, x = torch.device("cpu"), torch.randn(64, 64)
+    clock = EpochClock(warmup_epochs=2, profile_epoch=1)
+    for epoch in range(3):
+        clock.start(epoch, cpu)
+        for _ in range(5):
+            (x @ x).relu_()
+            time.sleep(0.002)
+            clock.step(1)
+        clock.stop(cpu)
+    profile = clock.profile
+    assert profile["steps"] == 5 and "device_busy_ms" not in profile  # no GPU busy time on a CPU
+    assert 0 < profile["in_ops_ms"] < 1.0 <= 2.0 <= profile["wall_ms"] - profile["in_ops_ms"], profile
+    assert clock.steps == 5 and clock.seconds >= 5 * 0.002  # only the last epoch was timed
+
+
 @pytest.mark.slow
 def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     """benchmarks/gpu_session.sh (what a scarce GPU session runs) at tiny sizes on this CPU: every
@@ -47,6 +70,7 @@ def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     for row in ("| resnet18 | default", "| resnet18 | notrack", "| gpt2 | default", "| gpt2 | compile"):
         assert row in table, table
     assert "first training step nan" not in table and "first training step" in table
+    assert "- resnet18 default: hand " in table and "; litlab " in table  # the profiled epoch (--profile)
     assert sorted(p.name for p in out.iterdir()) == ["gpu.md", "gpu_compile.json", "gpu_gpt2.json", "gpu_pytest.log",
                                                       "gpu_resnet.json", "gpu_tests.log"]  # a device call returns 8
     log = (out / "gpu_tests.log").read_text()  # one line per test (skipped here: no GPU)
