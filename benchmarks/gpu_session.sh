@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of litlab in ONE device call, about 9 minutes on an H100/H200 (GPU time is scarce):
+# Every GPU check of litlab in ONE device call, about 8 minutes on an H100/H200 (GPU time is scarce):
 #   1. the wheels in .whl/ (benchmarks/gpu_wheels.sh, run beforehand where pip works) installed if the
 #      image lacks HF datasets;
 #   2. every GPU benchmark (gpu_all.sh, ~3.5 min) -> OUT/gpu.md and OUT/gpu_{resnet,gpt2,compile}.json;
