@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,11 +89,7 @@ def lightning_clock_callback(clock: EpochClock, samples_of: Callable[[Any], int]
     import lightning as L
 
     class ClockCallback(L.Callback):
-        first_step_at: float | None = None
-
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
             if batch_idx == 0:
                 clock.start(trainer.current_epoch, pl_module.device)
 

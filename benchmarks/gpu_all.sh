@@ -44,9 +44,9 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
 # averages out), with and without tracking where mlflow is installed (without it both variants are
 # the same untracked run, so only one is measured); the first repeat runs one more epoch under
 # torch.profiler (--profile: wall, host time in ops and GPU busy per step: whether the host sets the
-# pace, and whether litlab's host or GPU work differs from the hand loop's). GPT-2: 2 repeats x 2 epochs of 28 steps, then
-# the start-up times (~20 s). Compiled GPT-2: one repeat (mostly compilation; the second side reuses
-# the inductor cache).
+# pace, and whether litlab's host or GPU work differs from the hand loop's). GPT-2: 2 repeats x 2
+# epochs of 28 steps, then the start-up times (~20 s). Compiled GPT-2: one repeat (mostly
+# compilation; the second side reuses the inductor cache).
 variants=default
 "$PYTHON" -c "import mlflow" 2>/dev/null && variants=default,notrack
 run 110 gpu_resnet --repeats 3 --epochs 8 --profile --bench "resnet18:$variants"

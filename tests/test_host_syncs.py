@@ -4,8 +4,9 @@ On a GPU, a call that needs a value back from the device (.item(), bool(), a boo
 selection, nonzero, bincount, unique, index_put_ with accumulate=True, ...) stalls the host until
 the GPU has caught up, so the next step cannot be queued behind the running one. Here a
 TorchDispatchMode counts the ops that would wait there, step by step (tests/test_gpu.py checks the
-same on a GPU with torch's sync debug mode). Left out: data loading (a batch is made on the host before it is moved) and, after an
-epoch's last batch, Lightning's own progress-bar update (it reads the step's values once an epoch).
+same on a GPU with torch's sync debug mode). Left out: data loading (a batch is made on the host
+before it is moved) and, after an epoch's last batch, Lightning's own progress-bar update (it reads
+the step's values once an epoch).
 The run's first step may wait (a model may check its data once); no other step may, except in the
 models listed with the reason their computation needs it.
 """
@@ -52,7 +53,7 @@ def waits_on_a_gpu(func, args) -> bool:
         accumulate, unsafe = (list(args[3:5]) + [False, False])[:2]
         node = torch._C._current_autograd_node()
         in_index_backward = node is not None and node.name() == "IndexBackward0"
-        return func is not A.index.Tensor and bool(accumulate) and not unsafe and not in_index_backward
+        return bool(accumulate) and not unsafe and not in_index_backward  # x[idx] itself has no accumulate
     return False
 
 
