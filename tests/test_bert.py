@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from litlab.chapters.bert.module import BertMLM, BertSequenceClassifier
-from litlab.chapters.bert.nets import BertEncoder, BertForPretraining, mlm_loss
+from litlab.chapters.bert.nets import BertEncoder, BertForPretraining, mlm_loss, prediction_slots
 from litlab.config import OptimConfig
 from litlab.data.corpus import (CLS, DOC_SECTIONS, IGNORE, MASK, NUM_SPECIAL, PAD, SEP, SPECIALS, UNK, Vocab,
-                                load_corpus, mask_tokens, paragraphs, pydoc_topics, sentence_pairs, tokenize)
+                                load_corpus, mask_tokens, mlm_predictions, paragraphs, pydoc_topics, sentence_pairs, tokenize)
 from litlab.data.corpus_tasks import PydocMLMDataModule, PydocSectionsDataModule
 from litlab.errors import ConfigError
 
@@ -68,17 +68,25 @@ def test_masking_selects_15_percent_then_80_10_10():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(NUM_SPECIAL, vocab_size, (n // 100, 100), generator=g)
     ids[:, 0], ids[:, -1], ids[:, 50:60] = CLS, SEP, PAD  # specials are never selected
+    ids[::2, 70:] = PAD  # rows of 59 and of 88 candidates
     inputs, labels = mask_tokens(ids, vocab_size, generator=g)
     special = ids < NUM_SPECIAL
     selected = labels != IGNORE
     assert not selected[special].any() and torch.equal(inputs[special], ids[special])
     assert torch.equal(labels[selected], ids[selected]) and torch.equal(inputs[~selected], ids[~selected])
+    # each row selects exactly round(0.15 m) of its m candidates (BERT's create_pretraining_data)
+    m = (~special).sum(1)
+    assert set(m.tolist()) == {59, 88}
+    assert torch.equal(selected.sum(1), torch.where(m == 59, 9, 13))
 
     def within(count, total, p, sd=5):  # binomial count within 5 standard deviations of total * p
         return abs(count - total * p) < sd * math.sqrt(total * p * (1 - p))
 
-    n_cand, n_sel = int((~special).sum()), int(selected.sum())
-    assert within(n_sel, n_cand, 0.15)
+    # uniformly: every candidate position of the 88-candidate rows is chosen with p 13/88
+    per_position = selected[1::2][:, ~special[1]].sum(0)
+    rows = len(ids) // 2
+    assert all(within(int(c), rows, 13 / 88) for c in per_position)
+    n_sel = int(selected.sum())
     masked = int((inputs[selected] == MASK).sum())
     changed = inputs[selected] != ids[selected]
     randomised = int((changed & (inputs[selected] != MASK)).sum())
@@ -94,6 +102,25 @@ def test_masking_selects_15_percent_then_80_10_10():
     chi2 = ((hist - expected) ** 2 / expected).sum().item()
     dof = vocab_size - NUM_SPECIAL - 1
     assert abs(chi2 - dof) < 6 * math.sqrt(2 * dof)
+
+
+def test_masking_counts_round_half_to_even_at_least_one_and_at_most_the_cap():
+    ids = torch.full((6, 40), PAD)
+    for row, m in enumerate((0, 1, 3, 10, 30, 36)):  # 0.15 m = 0, 0.15, 0.45, 1.5, 4.5, 5.4
+        ids[row, :m] = torch.arange(m) + NUM_SPECIAL
+    counts = [mlm_predictions(m, 0.15) for m in (1, 3, 10, 30, 36)]
+    assert counts == [1, 1, 2, 4, 5]  # Python's round: 1.5 -> 2, 4.5 -> 4
+    g = torch.Generator().manual_seed(0)
+    _, labels = mask_tokens(ids, 100, generator=g)
+    assert (labels != IGNORE).sum(1).tolist() == [0, *counts]
+    _, capped = mask_tokens(ids, 100, generator=g, max_predictions=3)
+    assert (capped != IGNORE).sum(1).tolist() == [0, 1, 1, 2, 3, 3]
+    dm = PydocMLMDataModule(**TINY_DATA)
+    assert dm.info()["max_predictions"] == mlm_predictions(32, 0.15) == 5
+    dm.setup()
+    for split in (dm.train_set, dm.val_set):
+        batch = split.__getitems__(list(range(len(split))))
+        assert (batch[2] != IGNORE).sum(1).max() <= 5
 
 
 def test_mlm_loss_is_the_mean_over_selected_positions_only():
@@ -122,11 +149,40 @@ def test_pretraining_model_scores_exactly_the_selected_positions():
     ids = torch.randint(NUM_SPECIAL, 50, (2, 12))
     labels = torch.full_like(ids, IGNORE)
     labels[0, 3], labels[1, 1], labels[1, 7] = 8, 9, 10
-    mlm_logits, nsp_logits = net(ids, torch.zeros_like(ids), labels)
+    mlm_logits, targets, nsp_logits = net(ids, torch.zeros_like(ids), labels)
     assert mlm_logits.shape == (3, 50) and nsp_logits.shape == (2, 2)
     full = net.mlm(net.encoder(ids))  # the head at every position, then the selected rows
     torch.testing.assert_close(mlm_logits, full[labels != IGNORE])
+    assert targets.tolist() == [8, 9, 10]
     assert net.mlm.embedding.weight is net.encoder.token.weight  # tied output matrix
+
+
+def test_fixed_prediction_slots_give_the_same_loss_accuracy_and_gradients():
+    """B x P slots per batch (static shapes) score what the selected positions alone score."""
+    torch.manual_seed(0)
+    kw = dict(d_model=16, n_heads=2, n_layers=1, dropout=0.0)
+    masked = BertForPretraining(50, 12, nsp=False, **kw)
+    slots = BertForPretraining(50, 12, nsp=False, max_predictions=3, **kw)
+    slots.load_state_dict(masked.state_dict())
+    ids = torch.randint(NUM_SPECIAL, 50, (3, 12))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 3], labels[0, 11], labels[1, 1], labels[1, 7], labels[1, 2] = 8, 9, 10, 11, 12  # rows: 2, 3, 0
+    assert prediction_slots(labels, 3).tolist() == [[3, 11, 0], [1, 2, 7], [0, 1, 2]]
+    results = []
+    for net in (masked, slots):
+        logits, targets, _ = net(ids, torch.zeros_like(ids), labels)
+        loss = mlm_loss(logits, targets)
+        net.zero_grad()
+        loss.backward()
+        scored = targets != IGNORE
+        acc = ((logits.argmax(-1) == targets).float() * scored).sum() / scored.sum()
+        results.append((logits.shape[0], loss, acc, {k: p.grad.clone() for k, p in net.named_parameters()}))
+    (n0, loss0, acc0, grads0), (n1, loss1, acc1, grads1) = results
+    assert (n0, n1) == (5, 9)  # 5 selected; 3 rows x 3 slots
+    torch.testing.assert_close(loss1, loss0)
+    torch.testing.assert_close(acc1, acc0)
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k])
 
 
 # ---------------------------------------------------------------------------- pairs and encoder

@@ -17,9 +17,11 @@ from litlab.chapters.transformer.layers import FeedForward
 D, E = 8, 4
 
 
-def make_moe(top_k: int, noisy: bool = False, capacity_factor: float | None = None, seed: int = 0) -> MoEFeedForward:
+def make_moe(top_k: int, noisy: bool = False, capacity_factor: float | None = None, seed: int = 0,
+             dispatch: str = "auto") -> MoEFeedForward:
     torch.manual_seed(seed)
-    moe = MoEFeedForward(D, E, top_k, lambda: FeedForward(D, 16), noisy=noisy, capacity_factor=capacity_factor)
+    moe = MoEFeedForward(D, E, top_k, lambda: FeedForward(D, 16), noisy=noisy, capacity_factor=capacity_factor,
+                         dispatch=dispatch)
     nn.init.normal_(moe.router.w_gate.weight, std=0.5)  # a router that actually prefers some experts
     return moe
 
@@ -134,8 +136,9 @@ def test_aux_loss_alone_rebalances_a_collapsed_router():
 
 
 # ---------------------------------------------------------------- capacity
-def test_capacity_drops_over_capacity_assignments_second_choices_first():
-    moe = make_moe(top_k=2, capacity_factor=0.5).train()  # noisy=False: the routing is deterministic
+@pytest.mark.parametrize("dispatch", ["grouped", "buffers"])
+def test_capacity_drops_over_capacity_assignments_second_choices_first(dispatch):
+    moe = make_moe(top_k=2, capacity_factor=0.5, dispatch=dispatch).train()  # noisy=False: deterministic routing
     x = torch.randn(40, D)
     capacity = math.ceil(0.5 * 40 * 2 / E)  # 10 slots per expert
     assert moe.capacity(40) == capacity
@@ -159,6 +162,45 @@ def test_capacity_drops_over_capacity_assignments_second_choices_first():
     assert moe.capacity(40) is None
     torch.testing.assert_close(moe(x), by_hand(moe, x), rtol=1e-5, atol=1e-6)
     assert moe.dropped.item() == 0
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0])
+def test_expert_buffers_give_the_grouped_outputs_and_gradients(capacity_factor):
+    """GShard's fixed-size buffers (static shapes, nothing read from the device) against groups
+    sized on the host: the same kept assignments, the same output, the same gradients."""
+    x = torch.randn(2, 30, D)
+    results = []
+    for dispatch in ("grouped", "buffers"):
+        moe = make_moe(top_k=2, noisy=True, capacity_factor=capacity_factor, dispatch=dispatch).train()
+        x_ = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same router noise
+        y = moe(x_)
+        (y.pow(2).sum() + moe.aux_loss).backward()
+        grads = [x_.grad] + [q.grad for q in moe.parameters()]
+        results.append((y, moe.dropped, moe.load, grads))
+    (y0, dropped0, load0, grads0), (y1, dropped1, load1, grads1) = results
+    torch.testing.assert_close(y1, y0)
+    assert dropped1 == dropped0 and torch.equal(load1, load0)
+    if capacity_factor < 1:
+        assert dropped0 > 0
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0)
+
+
+def test_auto_dispatch_groups_on_a_cpu_and_fills_buffers_elsewhere(monkeypatch):
+    calls = []
+    moe = make_moe(top_k=2, capacity_factor=1.0).train()
+    for name in ("_grouped", "_in_buffers"):
+        method = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _m=method, _n=name: calls.append(_n) or _m(*a))
+    moe(torch.randn(10, D))
+    moe.dispatch = "buffers"
+    moe(torch.randn(10, D))
+    moe.eval()  # no capacity: every assignment is served, in groups
+    moe(torch.randn(10, D))
+    assert calls == ["_grouped", "_in_buffers", "_grouped"]
+    with pytest.raises(ValueError, match="dispatch"):
+        make_moe(top_k=2, dispatch="dense")
 
 
 def test_moe_gpt_under_bf16_autocast_and_cached_generation():

@@ -15,9 +15,12 @@ seeded permutation (80/10/10 by default); all the corpus tasks (corpus_tasks.py:
 classification, retrieval, RAG) share this split, so an encoder pretrained with MLM has never read
 the passages a fine-tuned model is tested on, and its vocabulary (`Vocab.signature`) matches.
 
-BERT masking (Devlin et al. 2019): each non-special token is selected with probability 0.15; a
-selected token becomes [MASK] with p 0.8, a random non-special token with p 0.1, and stays
+BERT masking (Devlin et al. 2019, as its create_pretraining_data does it): a row of m non-special
+tokens selects exactly n = max(1, round(0.15 m)) of them (at most max_predictions), uniformly at
+random; a selected token becomes [MASK] with p 0.8, a random non-special token with p 0.1, and stays
 unchanged with p 0.1. Labels are the original ids at selected positions and -100 (ignored) elsewhere.
+A fixed cap on the count per row lets the model score a fixed number of slots per row (static
+shapes, nothing read back from the device) instead of a data-dependent number of positions.
 """
 
 from __future__ import annotations
@@ -198,18 +201,34 @@ def pad_rows(rows: list[list[int]], length: int | None = None) -> Tensor:
     return out
 
 
+def mlm_predictions(tokens: int, mask_prob: float) -> int:
+    """The most positions mask_tokens selects in a row of `tokens` non-special tokens."""
+    return max(1, round(tokens * mask_prob))
+
+
 def mask_tokens(ids: Tensor, vocab_size: int, mask_prob: float = 0.15, generator: torch.Generator | None = None,
-                mask_fraction: float = 0.8, random_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
+                mask_fraction: float = 0.8, random_fraction: float = 0.1,
+                max_predictions: int | None = None) -> tuple[Tensor, Tensor]:
     """BERT's masked-LM corruption. ids (B, T) int64 -> (inputs (B, T), labels (B, T)).
 
-    Only non-special tokens (id >= NUM_SPECIAL) can be selected. Of the selected ones: [MASK] with
-    p mask_fraction, a uniform random non-special token with p random_fraction, unchanged otherwise.
-    labels = ids at selected positions, IGNORE (-100) elsewhere.
+    Only non-special tokens (id >= NUM_SPECIAL) can be selected: a row with m of them selects
+    exactly n = min(max(1, round(mask_prob * m)), max_predictions, m) of them, uniformly at random.
+    Of the selected ones: [MASK] with p mask_fraction, a uniform random non-special token with p
+    random_fraction, unchanged otherwise. labels = ids at selected positions, IGNORE (-100) elsewhere.
     """
     u_select = torch.rand(ids.shape, generator=generator, device=ids.device)
     u_action = torch.rand(ids.shape, generator=generator, device=ids.device)
     random_ids = torch.randint(NUM_SPECIAL, vocab_size, ids.shape, generator=generator, device=ids.device)
-    selected = (u_select < mask_prob) & (ids >= NUM_SPECIAL)
+    candidate = ids >= NUM_SPECIAL
+    m = candidate.sum(1)  # (B,)
+    # round() in float64, half to even, as Python's round (and mlm_predictions) do it
+    n = torch.round(m.double() * mask_prob).long().clamp_min(1)
+    if max_predictions is not None:
+        n = n.clamp_max(max_predictions)
+    n = torch.minimum(n, m)
+    # a random order of each row's candidates (non-candidates sort after them): its first n
+    rank = u_select.masked_fill(~candidate, 2.0).argsort(1).argsort(1)  # (B, T)
+    selected = rank < n[:, None]
     to_mask = selected & (u_action < mask_fraction)
     to_random = selected & (u_action >= mask_fraction) & (u_action < mask_fraction + random_fraction)
     inputs = torch.where(to_mask, torch.full_like(ids, MASK), ids)

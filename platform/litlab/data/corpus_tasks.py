@@ -5,7 +5,8 @@ and vocabulary, so checkpoints move between them (the models check `vocab_signat
 - `pydoc_mlm`: [CLS] A [SEP] B [SEP] rows (A, B: the halves of a passage; with nsp, B is the B of a
   passage of another topic for a random half of the rows). Batches (input_ids, segment_ids,
   mlm_labels, nsp_labels), each (B, T) except nsp_labels (B,). Training rows are re-masked every
-  batch (dynamic masking); val/test rows are masked once, with a fixed seed.
+  batch (dynamic masking); val/test rows are masked once, with a fixed seed. A row has at most
+  `max_predictions` = round(mask_prob * passage_tokens) selected positions (info() tells the model).
 - `pydoc_sections`: [CLS] passage [SEP] -> which part of the Python documentation the passage's
   topic comes from (7 classes, corpus.DOC_SECTIONS). `n_train` keeps only that many labelled
   training passages (the low-label regime where pretraining pays).
@@ -34,8 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from litlab.data.base import LitlabDataModule
-from litlab.data.corpus import (CLS, SECTION_NAMES, SEP, Corpus, load_corpus, mask_tokens, pad_rows,
-                                sentence_pairs)
+from litlab.data.corpus import (CLS, SECTION_NAMES, SEP, Corpus, load_corpus, mask_tokens, mlm_predictions,
+                                pad_rows, sentence_pairs)
 from litlab.data.memory import Batch, FastLoaderMixin
 from litlab.errors import ConfigError
 from litlab.registry import register_data
@@ -115,12 +116,18 @@ class PydocMLMDataModule(CorpusDataModule):
                          split_seed, n_train)
         self.nsp, self.mask_prob = nsp, mask_prob
 
+    @property
+    def max_predictions(self) -> int:
+        """Selected positions per row, at most (a row holds <= passage_tokens non-special tokens)."""
+        return mlm_predictions(self.passage_tokens, self.mask_prob)
+
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "nsp": self.nsp}
+        return {**super().info(), "nsp": self.nsp, "max_predictions": self.max_predictions}
 
     def _mask(self, rows: tuple[Tensor, ...], generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
         ids, segments, is_next = rows
-        inputs, labels = mask_tokens(ids, len(self.corpus.vocab), self.mask_prob, generator)
+        inputs, labels = mask_tokens(ids, len(self.corpus.vocab), self.mask_prob, generator,
+                                     max_predictions=self.max_predictions)
         return inputs, segments, labels, is_next
 
     def setup(self, stage: str | None = None) -> None:

@@ -73,6 +73,9 @@ class BertMLM(StageSteps):
         max_len: MaxLen,  # position table size; the data sets it (passage_tokens + 3)
         vocab_signature: str,  # the data's vocabulary hash: fine-tuning checks it
         nsp: bool,  # next-sentence head; the data says whether its pairs are NSP pairs
+        # the most selected positions in a row (the data sets it): the MLM head scores a fixed B x P
+        # slots per batch; None: only the selected positions, whose count is read from the device
+        max_predictions: Annotated[int, Range(ge=1, le=1_000_000)] | None = None,
         d_model: Width = 128,
         n_heads: Heads = 4,
         n_layers: Layers = 2,
@@ -84,7 +87,8 @@ class BertMLM(StageSteps):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.net = BertForPretraining(vocab_size, max_len, nsp=nsp, dropout=dropout, **encoder_kwargs(self.hparams))
+        self.net = BertForPretraining(vocab_size, max_len, nsp=nsp, max_predictions=max_predictions, dropout=dropout,
+                                      **encoder_kwargs(self.hparams))
         # keyed "<stage>_" (a ModuleDict key "train" would shadow nn.Module.train)
         self.mlm_acc, self.majority_acc, self.nsp_acc = (stage_means() for _ in range(3))
 
@@ -96,8 +100,7 @@ class BertMLM(StageSteps):
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         ids, segments, labels, is_next = batch  # (B, T) x3, (B,)
-        mlm_logits, nsp_logits = self(ids, segments, labels)  # (M, V), (B, 2) | None
-        targets = labels[labels != IGNORE]  # (M,), same order as mlm_logits
+        mlm_logits, targets, nsp_logits = self(ids, segments, labels)  # (N, V), (N,), (B, 2) | None
         loss_mlm = mlm_loss(mlm_logits, targets)
         loss = loss_mlm
         on_step = stage == "train"
@@ -108,10 +111,10 @@ class BertMLM(StageSteps):
             self.nsp_acc[f"{stage}_"].update((nsp_logits.argmax(-1) == is_next).float())
             self.log(f"{stage}/nsp_loss", loss_nsp.detach(), on_step=False, **log)
             self.log(f"{stage}/nsp_acc", self.nsp_acc[f"{stage}_"], on_step=False, on_epoch=True)
-        if len(targets):
-            self.mlm_acc[f"{stage}_"].update((mlm_logits.argmax(-1) == targets).float())
-            # vocabulary ids are ranked by training frequency: NUM_SPECIAL is the most frequent token
-            self.majority_acc[f"{stage}_"].update((targets == NUM_SPECIAL).float())
+        scored = (targets != IGNORE).float()  # (N,): 0 on an empty slot
+        self.mlm_acc[f"{stage}_"].update((mlm_logits.argmax(-1) == targets).float(), scored)
+        if stage != "train":  # vocabulary ids are ranked by training frequency: NUM_SPECIAL is the most frequent
+            self.majority_acc[f"{stage}_"].update((targets == NUM_SPECIAL).float(), scored)
         self.log(f"{stage}/loss", loss.detach(), on_step=on_step, prog_bar=stage == "val", **log)
         self.log(f"{stage}/mlm_loss", loss_mlm.detach(), on_step=False, **log)
         self.log(f"{stage}/mlm_acc", self.mlm_acc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=stage == "val")

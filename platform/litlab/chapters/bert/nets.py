@@ -7,7 +7,11 @@ LayerNorm closes the stack. Padding ([PAD] = 0) is masked out of every attention
 
 Heads:
 - masked LM: logits = LN(gelu(W h)) E_token^T + b, computed only at the selected positions; the
-  output matrix is tied to the token embedding (as in BERT);
+  output matrix is tied to the token embedding (as in BERT). With `max_predictions` = P (the most
+  positions a row selects, which the data guarantees) each row gives P slots: its selected
+  positions, then unselected ones whose label is IGNORE (weight 0, as BERT's masked_lm_weights).
+  B x P slots is a fixed shape; without P the head runs on the M selected positions, and M must be
+  read back from the device every step;
 - pooler: p = tanh(W h_[CLS]), shared by next-sentence prediction (Linear(D, 2)) and the
   fine-tuned classifier (dropout + Linear(D, C)).
 
@@ -94,24 +98,41 @@ class MLMHead(nn.Module):
         return self.transform(h) @ self.embedding.weight.T + self.bias
 
 
+def prediction_slots(labels: Tensor, max_predictions: int) -> Tensor:
+    """labels (B, T) -> (B, min(P, T)) positions per row: the selected ones (label != IGNORE) in
+    order, then the first unselected ones. A row with more than P selected positions loses the last."""
+    unselected = (labels == IGNORE).to(torch.uint8)
+    return unselected.argsort(dim=1, stable=True)[:, :max_predictions]
+
+
 class BertForPretraining(nn.Module):
     """Encoder + masked-LM head (+ pooler and next-sentence head when nsp)."""
 
-    def __init__(self, vocab_size: int, max_len: int, nsp: bool = True, **encoder_kwargs):
+    def __init__(self, vocab_size: int, max_len: int, nsp: bool = True, max_predictions: int | None = None,
+                 **encoder_kwargs):
         super().__init__()
         self.encoder = BertEncoder(vocab_size, max_len, **encoder_kwargs)
         d = self.encoder.token.embedding_dim
         self.mlm = MLMHead(self.encoder.token)
         self.pooler = Pooler(d) if nsp else None
         self.nsp = nn.Linear(d, 2) if nsp else None
+        self.max_predictions = max_predictions
 
-    def forward(self, ids: Tensor, segments: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """-> (MLM logits at the selected positions (M, V) in row-major order of labels != IGNORE,
-        next-sentence logits (B, 2) or None)."""
+    def forward(self, ids: Tensor, segments: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> (MLM logits (N, V), their targets (N,) (IGNORE on an empty slot), next-sentence logits
+        (B, 2) or None). N = B x P slots (prediction_slots, row by row) with max_predictions = P,
+        else the M selected positions in row-major order."""
         h = self.encoder(ids, segments)  # (B, T, D)
-        mlm_logits = self.mlm(h[labels != IGNORE])  # (M, V): the head runs only where the loss looks
+        if self.max_predictions is None:
+            selected = labels != IGNORE  # (B, T): a boolean index, so M is read from the device
+            h_scored, targets = h[selected], labels[selected]  # (M, D), (M,)
+        else:
+            slots = prediction_slots(labels, self.max_predictions)  # (B, P)
+            index = slots.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, P, D)
+            h_scored, targets = h.gather(1, index).flatten(0, 1), labels.gather(1, slots).flatten()
+        mlm_logits = self.mlm(h_scored)  # (N, V): the head runs only where the loss looks
         nsp_logits = self.nsp(self.pooler(h)) if self.nsp is not None else None
-        return mlm_logits, nsp_logits
+        return mlm_logits, targets, nsp_logits
 
 
 def mean_pool(h: Tensor, ids: Tensor) -> Tensor:

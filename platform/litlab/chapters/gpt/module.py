@@ -62,8 +62,8 @@ class GPTBase(NextTokenSteps):
                                                   f"{h.d_model // h.n_head}")
         if h.sample_top_k is not None and h.sample_top_k > h.vocab_size:
             raise ConfigError("model.sample_top_k", f"{h.sample_top_k} > vocab_size {h.vocab_size}")
-        moe = {k: h[k] for k in ("n_experts", "moe_top_k", "moe_every", "noisy_gating", "capacity_factor")
-               if k in h}
+        moe = {k: h[k] for k in ("n_experts", "moe_top_k", "moe_every", "noisy_gating", "capacity_factor",
+                                 "moe_dispatch") if k in h}
         self.net = GPT(h.vocab_size, h.block_size, h.n_layer, h.n_head, h.d_model, h.d_ff, h.dropout,
                        h.positional, h.attention, h.attention_options, h.tie_weights, **moe)
         self.perplexity = torch.nn.ModuleDict({f"{s}_ppl": ExpMean() for s in ("train", "val", "test")})

@@ -10,7 +10,7 @@ the end plots/expert_utilisation.png (f_i per epoch, and the last epoch per laye
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -53,7 +53,7 @@ def utilisation_figure(history: list[torch.Tensor]):
     chapter=MOE_CHAPTER,
     description="GPT with sparsely-gated mixture-of-experts FFNs (noisy top-k router, load-balancing loss)",
     smoke={"model": {"n_layer": 2, "n_head": 2, "d_model": 16, "block_size": 16, "n_experts": 4,
-                     "moe_top_k": 2, "capacity_factor": 1.5, "sample_length": 20},
+                     "moe_top_k": 2, "capacity_factor": 1.5, "moe_dispatch": "buffers", "sample_length": 20},
            "data": {"name": "text_chars", "max_chars": 20000, "seq_len": 16, "batch_size": 8}},
 )
 class GPTMoEModule(GPTBase):
@@ -75,6 +75,9 @@ class GPTMoEModule(GPTBase):
         moe_every: Annotated[int, Range(ge=1, le=512)] = 1,  # MoE FFN in every n-th block (others dense)
         noisy_gating: bool = True,  # H(x) = x W_g + N(0,1) softplus(x W_noise) while training
         capacity_factor: Annotated[float, Range(gt=0, le=1024)] | None = None,  # None: no capacity limit
+        # with a capacity: "buffers" = fixed-size expert buffers (no host sync), "grouped" = groups
+        # sized on the host, "auto" = buffers on a GPU, grouped on a CPU (moe.py)
+        moe_dispatch: Literal["auto", "buffers", "grouped"] = "auto",
         aux_loss_coef: Annotated[float, Range(ge=0, le=100)] = 0.01,  # alpha in L + alpha L_aux
         temperature: Temperature = 0.8,
         sample_top_k: TopK = None,

@@ -43,7 +43,7 @@ class GPT(nn.Module):
                  d_ff: int | None = None, dropout: float = 0.0, positional: str = "learned",
                  backend: str = "sdpa", backend_options: dict | None = None, tie_weights: bool = True,
                  n_experts: int = 0, moe_top_k: int = 2, moe_every: int = 1, noisy_gating: bool = True,
-                 capacity_factor: float | None = None):
+                 capacity_factor: float | None = None, moe_dispatch: str = "auto"):
         super().__init__()
         d_ff = 4 * d_model if d_ff is None else d_ff
         self.vocab_size, self.block_size, self.n_layer = vocab_size, block_size, n_layer
@@ -64,7 +64,7 @@ class GPT(nn.Module):
             if n_experts == 0 or (layer + 1) % moe_every:
                 return None  # the block's own FeedForward
             return MoEFeedForward(d_model, n_experts, moe_top_k, lambda: FeedForward(d_model, d_ff, dropout),
-                                  noisy=noisy_gating, capacity_factor=capacity_factor)
+                                  noisy=noisy_gating, capacity_factor=capacity_factor, dispatch=moe_dispatch)
 
         self.blocks = nn.ModuleList(
             TransformerBlock(d_model, n_head, d_ff, dropout=dropout, norm_first=True, causal=True,
