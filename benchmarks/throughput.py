@@ -29,14 +29,10 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import math
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -51,6 +47,7 @@ sys.path.append(str(REPO / "platform"))  # after PYTHONPATH: another litlab (e.g
 import torch  # noqa: E402
 
 from bench_clock import EpochClock, lightning_clock_callback  # noqa: E402  (beside this file)
+from bench_report import device_name, startup_time, write_outputs  # noqa: E402
 
 from litlab.schema import Range  # noqa: E402  (module level: BenchImages' string annotations resolve here)
 import torch.nn.functional as F  # noqa: E402
@@ -316,110 +313,6 @@ def measure(bench: Bench, args, variant: str) -> dict:
     return row
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
-
-
-# ------------------------------------------------------------------------------------ start-up time
-def startup_time(args) -> dict:
-    """Seconds from launching `litlab run` (a new process) to its first training step, and of
-    `litlab --help` and `litlab models`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "platform"), os.environ.get("PYTHONPATH")]))}
-    out = {}
-    for name, cmd in (("help", ["--help"]), ("models", ["models"])):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "litlab", *cmd], env=env, capture_output=True, check=True)
-        out[f"litlab_{name}_s"] = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="litlab-start-") as tmp:
-        probe = Path(tmp) / "first_step.py"
-        probe.write_text(FIRST_STEP_PROBE)
-        t0 = time.time()
-        p = subprocess.run([sys.executable, str(probe), str(REPO / "experiments/mlp/mlp_digits.yaml"),
-                            f"sqlite:///{tmp}/mlflow.db", args.device, str(int(args.mlflow))], env=env, cwd=tmp,
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            print(f"start-up probe failed: {p.stderr.strip()[-500:]}", file=sys.stderr)
-            out["run_to_first_step_s"] = float("nan")
-        else:
-            out["run_to_first_step_s"] = float(p.stdout.strip().splitlines()[-1]) - t0
-    return out
-
-
-# `litlab run` in a fresh interpreter, stopped at its first training step (which prints the time).
-FIRST_STEP_PROBE = """
-import sys, time
-import lightning as L
-from litlab import runner
-
-class FirstStepReached(Exception):
-    pass
-
-class FirstStep(L.Callback):
-    def on_train_batch_start(self, trainer, *args):
-        print(time.time(), flush=True)
-        raise FirstStepReached  # not KeyboardInterrupt: Lightning would exit(1) on it
-
-acc = "gpu" if sys.argv[3].startswith("cuda") else "cpu"
-track = [] if sys.argv[4] == "1" else ["tracking.mlflow=false"]
-try:
-    runner.run(sys.argv[1], ["trainer.max_epochs=1", f"trainer.accelerator={acc}", *track],
-               tracking_uri=sys.argv[2], callbacks=[FirstStep()], quiet=True)
-except FirstStepReached:
-    pass
-"""
-
-
-# ------------------------------------------------------------------------------------ report
-def markdown(rows: list[dict], startup: dict | None) -> str:
-    lines = ["| benchmark | variant | device | hand loop | litlab | litlab / hand | of the medians "
-             "| peak mem hand / litlab (MiB) | MFU hand / litlab |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for r in rows:
-        mem = r["peak_mem_mib"]
-        mem_s = f"{mem['hand']:.0f} / {mem['litlab']:.0f}" if mem else "-"
-        mfu = r.get("mfu")
-        mfu_s = f"{100 * mfu['hand']:.1f}% / {100 * mfu['litlab']:.1f}%" if mfu else "-"
-        # the best repeats' ratio, and the ratio of the medians: on a noisy host the two bracket it
-        median = statistics.median(r["litlab_all"]) / statistics.median(r["hand_all"])
-        lines.append(f"| {r['bench']} | {r['variant']} | {r['device']} | {r['hand']:,.0f} {r['unit']} | "
-                     f"{r['litlab']:,.0f} {r['unit']} | {r['ratio']:.3f} | {median:.3f} | {mem_s} | {mfu_s} |")
-    profiled = [r for r in rows if r.get("profile")]
-    if profiled:
-        lines.append("")
-        lines.append("profiled epoch (`--profile`), per step: wall / host time in torch ops / GPU busy (ms)")
-        for r in profiled:
-            sides = [f"{side} " + " / ".join(f"{p[k]:.3f}" for k in ("wall_ms", "in_ops_ms", "device_busy_ms") if k in p)
-                     for side, p in sorted(r["profile"].items())]
-            lines.append(f"- {r['bench']} {r['variant']}: " + "; ".join(sides))
-    peaks = {r["peak"] for r in rows if "peak" in r}
-    if peaks:
-        lines.append("")
-        lines.append("MFU = 6 x N x tokens/s / peak (N = parameters without the position table); peak: "
-                     + "; ".join(sorted(peaks)))
-    if rows:
-        import lightning
-
-        lines.append("")
-        lines.append(f"best of {rows[0]['repeats']} interleaved repeats, {rows[0]['clock']} clock; torch {torch.__version__}, "
-                     f"lightning {lightning.__version__}")
-    if startup:
-        lines.append("")
-        lines.append(f"start-up: `litlab --help` {startup['litlab_help_s']:.2f} s, `litlab models` "
-                     f"{startup['litlab_models_s']:.2f} s, `litlab run` to the first training step "
-                     f"{startup['run_to_first_step_s']:.2f} s")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", nargs="+", default=["mlp"], metavar="NAME[:VARIANTS]",
@@ -479,15 +372,6 @@ def main(argv=None) -> int:
     startup = startup_time(args) if args.startup else None
     print(write_outputs(args.out, rows, startup))
     return 0
-
-
-def write_outputs(paths: list[str], rows: list[dict], startup: dict | None) -> str:
-    text = markdown(rows, startup)
-    for path in paths:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"rows": rows, "startup": startup}, indent=2) if out.suffix == ".json" else text)
-    return text
 
 
 if __name__ == "__main__":

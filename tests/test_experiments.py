@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import DIGITS, EXPERIMENTS, LEARNED_DIGITS, ONLINE_EXPERIMENTS, REPO
+from helpers import DIGITS, EXPERIMENTS, LEARNED_DIGITS, ONLINE_EXPERIMENTS, REPO, unlearned
 from litlab import runner
 
 
@@ -36,6 +36,13 @@ def test_experiment_runs_with_fast_dev_run(path, tracking_uri):
 def test_every_digits_experiment_has_its_learning_bars():
     """tests/test_gpu.py trains each digits experiment under mixed precision against these bars."""
     assert {p.stem for p in DIGITS} == set(LEARNED_DIGITS)
+
+
+def test_unlearned_names_each_missed_bar():
+    bars = [("test/acc", ">=", 0.9), ("test/loss", "<=", 0.5), ("test/fid", "<=", 20.0)]
+    assert unlearned({"test/acc": 0.9, "test/loss": 0.5, "test/fid": 3.0}, bars) == []  # bars are inclusive
+    missed = unlearned({"test/acc": 0.85, "test/loss": float("nan")}, bars)
+    assert missed == ["test/acc 0.85 (want >= 0.9)", "test/loss nan (want <= 0.5)", "test/fid nan (want <= 20)"]
 
 
 @pytest.mark.parametrize("path", ONLINE_EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
