@@ -17,7 +17,8 @@ from litlab.chapters.bert.module import BertMLM, BertSequenceClassifier
 from litlab.chapters.bert.nets import BertEncoder, BertForPretraining, mlm_loss, prediction_slots
 from litlab.config import OptimConfig
 from litlab.data.corpus import (CLS, DOC_SECTIONS, IGNORE, MASK, NUM_SPECIAL, PAD, SEP, SPECIALS, UNK, Vocab,
-                                load_corpus, mask_tokens, mlm_predictions, paragraphs, pydoc_topics, sentence_pairs, tokenize)
+                                load_corpus, mask_tokens, mlm_predictions, paragraphs, pydoc_topics, sentence_pairs,
+                                tokenize)
 from litlab.data.corpus_tasks import PydocMLMDataModule, PydocSectionsDataModule
 from litlab.errors import ConfigError
 

@@ -192,4 +192,3 @@ class MoEFeedForward(nn.Module):
         y_assigned = torch.where(keep[:, None], y_assigned, 0)  # a dropped assignment adds nothing
         out = x.new_zeros(x.shape[0], y.shape[-1], dtype=y.dtype)
         return out.index_add_(0, token_of, y_assigned.to(out.dtype))  # y_t += G(x_t)_i E_i(x_t) over kept assignments
-
