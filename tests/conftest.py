@@ -43,12 +43,21 @@ def postgres_url():
         missing(str(e))
 
 
+_XDIST_WORKER = False  # this process is a pytest-xdist worker (its controller writes each report)
+
+
+def pytest_configure(config):
+    global _XDIST_WORKER
+    # config.workerinput, not $PYTEST_XDIST_WORKER: a pytest started by a test that runs under
+    # xdist (tests/test_benchmarks.py runs gpu_session.sh) inherits that variable, yet is no worker
+    _XDIST_WORKER = hasattr(config, "workerinput")
+
+
 def pytest_runtest_logreport(report):
     """LITLAB_TEST_LOG=FILE: each test's outcome, and a failure's traceback, appended to FILE as the
     test ends, so a run stopped from outside (a GPU session's time limit) keeps why tests failed."""
     path = os.environ.get("LITLAB_TEST_LOG")
-    worker = os.environ.get("PYTEST_XDIST_WORKER")  # under pytest-xdist the controller writes each report
-    if not path or worker or (report.when != "call" and report.passed):
+    if not path or _XDIST_WORKER or (report.when != "call" and report.passed):
         return
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"{report.outcome.upper():7} {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")

@@ -62,7 +62,7 @@ def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     """benchmarks/gpu_session.sh (what a scarce GPU session runs) at tiny sizes on this CPU: every
     benchmark row and the start-up times land in gpu.md, the GPU tests' log in gpu_tests.log."""
     out = tmp_path / "out"
-    env = {**cli_env(), "SMOKE": "1", "TEST_S": "120", "PYTHON": sys.executable}
+    env = {**cli_env(), "SMOKE": "1", "TEST_S": "120", "TEST_WORKERS": "2", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh"), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
