@@ -39,9 +39,9 @@ dev: $(VENV)/.dev-installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/litlab run experiments/mlp/mlp_digits.yaml
 
-# pytest-xdist: TEST_WORKERS processes share the tests (each runs torch on one thread); 2 on the
-# 2-core CI machine takes 23 min where one process takes 35. `make test TEST_WORKERS=0`: one process.
-TEST_WORKERS ?= 2
+# `make test TEST_WORKERS=2`: two pytest-xdist processes share the tests (each runs torch on one
+# thread): 23 min on the 2-core CI machine where one process takes 35. 0 (the default): one process.
+TEST_WORKERS ?= 0
 test: $(VENV)/.dev-installed
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
 
