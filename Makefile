@@ -40,7 +40,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/litlab run experiments/mlp/mlp_digits.yaml
 
 # `make test TEST_WORKERS=2`: two pytest-xdist processes share the tests (each runs torch on one
-# thread): 23 min on the 2-core CI machine where one process takes 35. 0 (the default): one process.
+# thread): 23 min on this 2-core machine where one process took 35. 0 (the default): one process.
 TEST_WORKERS ?= 0
 test: $(VENV)/.dev-installed
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
