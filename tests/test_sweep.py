@@ -142,6 +142,19 @@ def test_two_workers_run_trials_in_parallel_processes(tmp_path, tracking_uri):
     assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), "trials never overlapped"
 
 
+def test_a_slow_trial_start_is_not_taken_for_a_dead_trial(tmp_path, tracking_uri):
+    # A fresh `litlab sweep` process starts its forkserver (imports Lightning, MLflow, ...: seconds, far
+    # more on a loaded machine) while its first trial already exists; the grace period here is shorter
+    # than that. The driver answers for its live trial processes, so none is failed as stale.
+    sweep = write_sweep(tmp_path, n_trials=3, pruner={"name": "none"}, heartbeat_interval=0.25, grace_period=1.5)
+    proc = run_cli("sweep", sweep, "--workers", "2", "--storage", storage_of(tmp_path), "--tracking-uri",
+                   tracking_uri, "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="tiny", storage=storage_of(tmp_path)).get_trials()
+    assert [(t.number, t.state.name, t.user_attrs.get("litlab.reason")) for t in trials] == [
+        (i, "COMPLETE", None) for i in range(3)]
+
+
 def test_show_and_bad_sweep_files(tmp_path, tracking_uri, capsys):
     sweep = write_sweep(tmp_path, n_trials=2, pruner={"name": "none"})
     assert main(["sweep", sweep, "--show", "--storage", storage_of(tmp_path)]) == 2  # no study yet

@@ -51,6 +51,17 @@ def _context():
     return ctx
 
 
+def _warm(ctx) -> None:
+    """Start the forkserver and wait for its imports: one no-op process, started and joined."""
+    proc = ctx.Process(target=_no_op, name="litlab-forkserver-warm-up")
+    proc.start()
+    proc.join()
+
+
+def _no_op() -> None:
+    pass
+
+
 def gpu_slots(workers: int, gpus_per_trial: int | None, visible: list[int] | None) -> list[list[int] | None]:
     """Pack K trial slots onto the GPUs, G each: slot i gets GPUs [i*G, (i+1)*G)."""
     if not gpus_per_trial:
@@ -141,9 +152,18 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
         f"{workers} worker(s); MLflow parent run {parent}")
 
     driver_id = f"{socket.gethostname()}:{os.getpid()}"
-    running: dict[int, tuple[multiprocessing.Process, int]] = {}  # slot -> (process, trial number)
+    running: dict[int, tuple[multiprocessing.Process, int, int]] = {}  # slot -> (process, trial number, id)
     deadline = time.time() + spec.timeout if spec.timeout else None
     stop_asking = False
+    last_beat = 0.0
+
+    def beat_for_live_trials():  # this driver answers for its trial processes while they live
+        nonlocal last_beat
+        st.beat_live(study, [trial_id for proc, _, trial_id in running.values() if proc.is_alive()])
+        last_beat = time.time()
+
+    if b.can_ask:  # start the forkserver now, so no trial exists while it imports (seconds)
+        _warm(ctx)
 
     def on_stale(t):
         run_id = t.user_attrs.get("litlab.mlflow_run_id")
@@ -157,6 +177,7 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
                 stop_asking = True
                 say(f"litlab sweep: timeout of {spec.timeout:g} s reached; finishing the running trials")
             if free and not stop_asking:
+                beat_for_live_trials()  # before judging who is stale
                 with st.budget_lock(url, name):
                     st.fail_stale_trials(study, spec.grace_period, spec.max_retries, on_stale)
                     b = st.budget(study, spec.n_trials)
@@ -168,7 +189,7 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
                                    gpus=slots[free[0]], quiet=quiet, driver_id=driver_id)
                     proc = ctx.Process(target=run_trial, args=(job,), name=f"litlab-trial-{trial.number}")
                     proc.start()
-                    running[free[0]] = (proc, trial.number)
+                    running[free[0]] = (proc, trial.number, trial._trial_id)
                     continue
                 if b.finished:
                     stop_asking = True
@@ -177,20 +198,22 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
                     break
                 time.sleep(min(1.0, spec.heartbeat_interval))  # others hold the budget: wait for them
                 continue
-            ready = wait([p.sentinel for p, _ in running.values()], timeout=1.0)
-            for slot, (proc, number) in list(running.items()):
+            if time.time() - last_beat >= spec.heartbeat_interval:
+                beat_for_live_trials()
+            ready = wait([p.sentinel for p, _, _ in running.values()], timeout=min(1.0, spec.heartbeat_interval))
+            for slot, (proc, number, _) in list(running.items()):
                 if proc.sentinel in ready or not proc.is_alive():
                     proc.join()
                     del running[slot]
                     _after_trial(study, number, parent, uri, spec, say, workers)
     except KeyboardInterrupt:
         say("litlab sweep: interrupted; stopping the running trials (rerun the same command to continue)")
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.join(timeout=60)
         tracking.end_run(uri, parent, "KILLED")
         raise
     except BaseException:
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.terminate()
         tracking.end_run(uri, parent, "FAILED")
         raise

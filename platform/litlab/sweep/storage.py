@@ -8,9 +8,11 @@ The budget lock makes "n_trials in total" exact across processes: the check "is 
 left?" and the `study.ask()` that takes it happen under one lock (a file lock for SQLite and journal
 files, an advisory lock for PostgreSQL and MySQL).
 
-Heartbeats are litlab's own (a trial user attribute refreshed by the trial's process), so they work
-on every storage, the journal file included. A RUNNING trial whose heartbeat is older than the
-grace period is failed and, up to max_retries, re-enqueued with the same params.
+Heartbeats are litlab's own (a trial user attribute), so they work on every storage, the journal
+file included. Two beat for a trial: its own process, and the driver that started it, for as long
+as that process lives (it covers the seconds before the trial process can beat itself). A RUNNING
+trial whose heartbeat is older than the grace period is failed and, up to max_retries, re-enqueued
+with the same params.
 """
 
 from __future__ import annotations
@@ -154,6 +156,17 @@ def budget(study: optuna.Study, n_trials: int) -> Budget:
 # ------------------------------------------------------------------------------- heartbeats
 def beat(study: optuna.Study, trial_id: int) -> None:
     study._storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+
+
+def beat_live(study: optuna.Study, trial_ids: list[int]) -> None:
+    """The driver's beat for its trial processes that are alive; a trial that has just finished is
+    read-only (its process told Optuna before the driver noticed it exit), and a storage hiccup is
+    covered by the next beat."""
+    for trial_id in trial_ids:
+        try:
+            beat(study, trial_id)
+        except Exception:
+            pass
 
 
 class Heartbeat:
