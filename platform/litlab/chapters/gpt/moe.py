@@ -145,11 +145,12 @@ class MoEFeedForward(nn.Module):
         expert_of = r.expert_index.t().reshape(-1)  # (k N,)
         token_of = torch.arange(n, device=x.device).repeat(k)  # (k N,)
         gate_of = r.gates.t().reshape(-1)  # (k N,)
-        self.load = expert_counts(expert_of, e).float()  # (E,)
+        counts = expert_counts(expert_of, e)  # (E,) assignments per expert, before any drop
+        self.load = counts.float()
         capacity = self.capacity(n)
         if capacity is None:
             self.dropped = x.new_zeros(())
-            out = self._grouped(x, expert_of, token_of, gate_of)
+            out = self._grouped(x, expert_of, token_of, gate_of, counts)
         else:
             position = queue_positions(expert_of, e)
             keep = position < capacity
@@ -160,10 +161,14 @@ class MoEFeedForward(nn.Module):
                 out = self._grouped(x, expert_of[keep], token_of[keep], gate_of[keep])
         return out.reshape(*shape[:-1], out.shape[-1])
 
-    def _grouped(self, x: Tensor, expert_of: Tensor, token_of: Tensor, gate_of: Tensor) -> Tensor:
-        """Every assignment served: each expert runs once on its group (sizes read from the device)."""
+    def _grouped(self, x: Tensor, expert_of: Tensor, token_of: Tensor, gate_of: Tensor,
+                 counts: Tensor | None = None) -> Tensor:
+        """Every assignment served: each expert runs once on its group (sizes read from the device;
+        `counts`: the group sizes when the caller has them)."""
         order = torch.argsort(expert_of, stable=True)  # group the assignments by expert
-        counts = expert_counts(expert_of, self.n_experts).tolist()  # a host sync per layer
+        if counts is None:
+            counts = expert_counts(expert_of, self.n_experts)
+        counts = counts.tolist()  # a host sync per layer
         tokens_by_expert = token_of[order].split(counts)
         gates_by_expert = gate_of[order].split(counts)
         out = None
