@@ -15,8 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from helpers import MLP_DIGITS, cli_env, litlab_cmd, run_cli
-from litlab import runner
-from mlflow_server import MlflowServer
+from litlab import runner, tracking
+from litlab.server_probe import unreachable
+from mlflow_server import MlflowServer, free_port
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["model.hidden=[32]", "data.batch_size=16", "trainer.max_epochs=6", "trainer.log_every_n_steps=1",
@@ -98,3 +99,43 @@ def test_a_run_ending_during_the_outage_is_completed_by_litlab_sync(tmp_path, re
         assert "nothing to send" in run_cli("sync", "--tracking-uri", server.uri, cwd=tmp_path).stderr
     finally:
         server.stop()
+
+
+def test_a_server_that_refuses_connections_costs_no_retries(tmp_path, monkeypatch):
+    """MLflow's client retries a refused connection for 7 s per call (litlab's settings): a run ending
+    during an outage would wait that long for each flush, figure, file and its status, whatever its
+    flush_timeout. A TCP probe answers at once; everything goes to the spool."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.chdir(tmp_path)
+    uri, run_id = f"http://127.0.0.1:{free_port()}", "f" * 32  # nothing listens there
+    assert unreachable(uri).startswith("cannot connect to 127.0.0.1:")
+    tracker = tracking.MlflowTracker(uri, run_id, flush_interval=60, spool_dir=tmp_path / "mlruns" / "spool",
+                                     flush_timeout=1.0)
+    try:
+        tracker.log_metrics({"train/loss": 1.0}, step=0)
+        start = time.monotonic()
+        tracker.finalize("success")  # the end of fit: one attempt, no wait
+        assert time.monotonic() - start < 0.5
+        start = time.monotonic()
+        assert tracker.flush() is False and tracker.unreachable
+        assert time.monotonic() - start < 2.5  # flush_timeout = 1 s, not 7 s per attempt
+        (tmp_path / "notes.txt").write_text("kept")
+        figure = plt.figure()
+        start = time.monotonic()
+        tracker.log_artifact(str(tmp_path / "notes.txt"), "files")
+        tracker.log_figure(figure, "plots/empty.png")
+        assert not tracking.end_run(uri, run_id, "FINISHED")
+        assert time.monotonic() - start < 1.5
+        assert [Path(p).name for p, _ in tracker.spool.pending_artifacts()] == ["notes.txt", "empty.png"]
+        assert tracker.spool.pending_status() == "FINISHED" and tracker.spool.pending_points() == 1
+    finally:
+        tracker.close()
+
+
+def test_the_probe_leaves_proxied_and_local_stores_to_mlflow(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert unreachable(f"http://10.255.255.1:{free_port()}") is None  # only the proxy could tell
+    assert unreachable("sqlite:///mlruns/mlflow.db") is None and unreachable("databricks") is None

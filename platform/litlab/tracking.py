@@ -26,6 +26,8 @@ from typing import Any
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from litlab.server_probe import check_reachable
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 _MAX_PARAMS = 100  # ... and on params per call
 
@@ -150,6 +152,7 @@ def attach_run(uri: str, run_id: str, tags: dict[str, str], new_params: dict[str
 def end_run(uri: str, run_id: str, status: str) -> bool:
     """Mark the run ended; if the server cannot be reached, keep the status for `litlab sync`."""
     try:
+        check_reachable(uri)
         client(uri).set_terminated(run_id, status=status)
         return True
     except Exception as e:  # never hide the real error behind a tracking one
@@ -168,6 +171,7 @@ def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from litlab.redaction import redact_mapping
 
     tags = redact_mapping(tags)
+    check_reachable(uri)
     client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
@@ -291,7 +295,9 @@ class MlflowTracker(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        self.flush()
+        """The end of fit or test: one attempt to send, no waiting (the run's end waits, up to
+        flush_timeout, in litlab.run_io.finish_run; the spool keeps what is not sent)."""
+        self.flush(timeout=0)
 
     # Files ----------------------------------------------------------------------------------
     @rank_zero_only
@@ -299,6 +305,7 @@ class MlflowTracker(Logger):
         import matplotlib.pyplot as plt
 
         try:
+            check_reachable(self.tracking_uri)
             client(self.tracking_uri).log_figure(self.run_id, figure, artifact_file)
         except Exception as e:  # keep it for `litlab sync`
             local = self.spool.dir / ".files" / self.run_id / artifact_file  # dot: not a run id to `litlab sync`
@@ -312,6 +319,7 @@ class MlflowTracker(Logger):
     @rank_zero_only
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         try:
+            check_reachable(self.tracking_uri)
             client(self.tracking_uri).log_artifact(self.run_id, local_path, artifact_path)
         except Exception as e:
             self.spool.record_artifact(str(Path(local_path).resolve()), artifact_path)
@@ -351,6 +359,7 @@ class MlflowTracker(Logger):
 
         with _send_lock:
             try:
+                check_reachable(self.tracking_uri)
                 sent = send_points(client(self.tracking_uri), self.spool)
             except Exception as e:  # keep training; the journal keeps the points
                 self._report_outage(e)
