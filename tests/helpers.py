@@ -79,6 +79,26 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subproce
                           timeout=timeout)
 
 
+def run_cli_tail(*args: str, cwd: Path, timeout: float = 300, **env: str) -> tuple[int, str, float]:
+    """Run `litlab ARGS` with stdout and stderr on one pipe: (exit status, output, seconds from its
+    last line to the pipe's end). The pipe ends when the process and every child holding it have
+    exited: what `litlab ... | tee log` waits for."""
+    import time
+
+    proc = subprocess.Popen(litlab_cmd(*args), cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, last = [], time.monotonic()
+    deadline = last + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        last = time.monotonic()
+        if last > deadline:
+            proc.kill()
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    tail = time.monotonic() - last
+    return proc.wait(timeout=max(1.0, deadline - time.monotonic())), "".join(lines), tail
+
+
 def all_runs(uri: str, include_deleted: bool = False):
     from mlflow import MlflowClient
     from mlflow.entities import ViewType

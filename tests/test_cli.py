@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import MLP_DIGITS, QUICK, run_cli
+from helpers import MLP_DIGITS, QUICK, run_cli, run_cli_tail
 from litlab import runner
 from litlab.cli import main
 
@@ -78,6 +78,15 @@ def test_run_prints_id_metrics_and_how_to_look(tracking_uri, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc" in proc.stdout and "litlab ui" in proc.stdout and "litlab resume" in proc.stdout
     assert "FINISHED" in proc.stdout
+
+
+def test_the_command_ends_right_after_its_last_line(tracking_uri, tmp_path):
+    # The interpreter's final garbage-cycle search over torch, Lightning and MLflow took 4 s here
+    # after the run had printed everything (litlab.cli.run_as_program freezes them instead).
+    code, out, tail = run_cli_tail("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK,
+                                   "trainer.max_epochs=1", "tracking.system_metrics=false", cwd=tmp_path)
+    assert code == 0, out[-2000:]
+    assert tail < 2.5, f"{tail:.1f} s from the last line to the end"
 
 
 def test_dry_run_prints_resolved_config(capsys):

@@ -47,7 +47,8 @@ def _context():
     # Everything a trial imports lazily on its first run (~3 s), so each forked trial starts warm.
     ctx.set_forkserver_preload(["litlab.sweep.trial", "litlab.chapters", "litlab.data", "mlflow",
                                 "mlflow.store.tracking.sqlalchemy_store", "mlflow.system_metrics.system_metrics_monitor",
-                                "datasets", "matplotlib.pyplot", "optuna.visualization"])
+                                "datasets", "matplotlib.pyplot", "optuna.visualization",
+                                "litlab.sweep.freeze"])  # last: gc.freeze() what the others made
     return ctx
 
 
