@@ -1,10 +1,11 @@
 """Is an HTTP tracking server there at all? One TCP connect, no HTTP request.
 
 MLflow's REST client answers a refused connection only after its retries (7 s with litlab's
-settings, minutes with MLflow's own), blocking whoever called. While the server is down, litlab
-asks this first: a refused connection answers at once, so a run ending during an outage keeps to
-its `flush_timeout` and files go straight to the spool. Only a reachable server gets the real call
-(and MLflow's retries, which still cover its other errors)."""
+settings, minutes with MLflow's own), blocking whoever called. litlab asks this before each of its
+calls to an http(s) server (one TCP handshake, every `flush_interval` at most for the metrics): a
+refused connection answers at once, so a run ending during an outage keeps to its `flush_timeout`
+and files go straight to the spool. Only a reachable server gets the real call (and MLflow's
+retries, which still cover its other errors)."""
 
 from __future__ import annotations
 
