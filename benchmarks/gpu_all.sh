@@ -23,8 +23,10 @@ fi
 export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
+SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (2 repeats interleave; 1 epoch is timed beside the warm-up and the profiled one)
 if [ "${SMOKE:-0}" = 1 ]; then
-  COMMON=(--smoke --device cpu --epochs 2)
+  COMMON=(--smoke --device cpu)
+  SHORT=(--repeats 2 --epochs 3)
 else
   COMMON=(--device cuda)
   "$PYTHON" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("gpu_all.sh: no CUDA device (SMOKE=1 checks the code paths on a CPU)"); print("gpu_all.sh:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)' || exit 1
@@ -34,7 +36,7 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
   local limit=$1 name=$2
   shift 2
   [ "${SMOKE:-0}" = 1 ] && limit=600  # the limits share out GPU time; a busy CPU needs more
-  timeout "$limit" "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" "$@" --out "$OUT/$name.md" "$OUT/$name.json"
+  timeout "$limit" "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" "$@" "${SHORT[@]}" --out "$OUT/$name.md" "$OUT/$name.json"
   local status=$?
   [ $status -eq 124 ] && echo "gpu_all.sh: $name stopped at $limit s; $OUT/$name.md holds what it measured" >&2
   return $status
@@ -43,8 +45,8 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
 # ~3.5 minutes on an H200. ResNet-18: 3 repeats x (hand loop + litlab) x 8 epochs of 48 steps (7 timed:
 # ~3 s per side, long enough that the host's noise, +-5% over 1 s windows on the first H200 session,
 # averages out), with and without tracking where mlflow is installed (without it both variants are
-# the same untracked run, so only one is measured); the first repeat runs one more epoch under
-# torch.profiler (--profile: wall, host time in ops and GPU busy per step: whether the host sets the
+# the same untracked run, so only one is measured); in the first repeat, the epoch after the
+# warm-up runs under torch.profiler, untimed (--profile: wall, host time in ops and GPU busy per step: whether the host sets the
 # pace, and whether litlab's host or GPU work differs from the hand loop's). GPT-2: 2 repeats x 2
 # epochs of 28 steps, then the start-up times (~20 s). Compiled GPT-2: one repeat (mostly
 # compilation; the second side reuses the inductor cache).

@@ -90,7 +90,7 @@ def benches(smoke: bool, epochs: int | None) -> dict[str, Bench]:
     # the end-of-run upload of the checkpoints to MLflow (GPT-2: 2 x 1 GB) is outside the timed steps
     no_upload = ["tracking.log_checkpoints=false"]
     gpt_smoke = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64", "model.block_size=64",
-                 "data.seq_len=64", "data.batch_size=4", "data.max_chars=60000", "model.sample_length=8"]
+                 "data.seq_len=64", "data.batch_size=4", "data.max_chars=15000", "model.sample_length=8"]
     return {
         "mlp": Bench("mlp", "experiments/mlp/mlp_digits.yaml", [f"trainer.max_epochs={e or (3 if smoke else 20)}"],
                      "classify"),
@@ -273,7 +273,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
         try:
             for r in range(args.repeats):
                 for side in (("hand", "litlab") if r % 2 == 0 else ("litlab", "hand")):
-                    profiled = args.profile and r == 0  # an untimed epoch more, under the profiler
+                    profiled = args.profile and r == 0  # the epoch after the warm-up: profiled, untimed
                     clock = EpochClock(args.warmup_epochs + profiled, args.clock,
                                        args.warmup_epochs if profiled else None)
                     gc.collect()
@@ -327,8 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides for every run (e.g. tracking.system_metrics=false), after the benchmark's")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
-    p.add_argument("--profile", action="store_true", help="one more untimed epoch per side, under torch.profiler: "
-                                                          "wall, host time in ops and GPU busy time per step")
+    p.add_argument("--profile", action="store_true", help="in the first repeat, the epoch after the warm-up runs untimed "
+                   "under torch.profiler: wall, host time in ops and GPU busy time per step")
     p.add_argument("--startup", action="store_true", help="also time `litlab --help`, `litlab models` and "
                                                           "`litlab run` to its first step")
     p.add_argument("--out", nargs="+", default=[], metavar="FILE", help="write the results to FILE.json and/or "

@@ -70,6 +70,7 @@ def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     for row in ("| resnet18 | default", "| resnet18 | notrack", "| gpt2 | default", "| gpt2 | compile"):
         assert row in table, table
     assert "first training step nan" not in table and "first training step" in table
+    assert " nan " not in table, table  # every side timed at least one step
     assert "- resnet18 default: hand " in table and "; litlab " in table  # the profiled epoch (--profile)
     assert sorted(p.name for p in out.iterdir()) == ["gpu.md", "gpu_compile.json", "gpu_gpt2.json", "gpu_pytest.log",
                                                       "gpu_resnet.json", "gpu_tests.log"]  # a device call returns 8
