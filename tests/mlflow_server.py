@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from litlab import sqlite_template
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,6 +35,8 @@ class MlflowServer:
 
     def start(self, timeout: float = 90) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "mlflow.db").exists():  # a copy of litlab's migrated template, as `litlab run` makes
+            sqlite_template.seed(self.root / "mlflow.db")
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", str(self.root / "artifacts")]

@@ -63,16 +63,9 @@ def client(uri: str):
             os.environ.setdefault(key, value)
 
     if uri.startswith("sqlite:///") and uri not in _ready:
-        # MLflow creates/migrates a new SQLite store when the first client is made; two processes
-        # doing it at once (two sweeps on a fresh store) break the migration. One at a time.
-        import fcntl
+        from litlab.sqlite_template import ensure_store
 
-        with open(uri[len("sqlite:///"):] + ".init-lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        ensure_store(Path(uri[len("sqlite:///"):]))
         _ready.add(uri)
     return MlflowClient(tracking_uri=uri)
 
