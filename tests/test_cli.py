@@ -72,6 +72,31 @@ def test_runs_table_newest_first(tracking_uri, capsys):
     assert b.run_id in out and a.run_id not in out
 
 
+def test_looking_at_runs_imports_neither_torch_nor_lightning(tracking_uri, tmp_path):
+    """`litlab runs`, `compare`, `sync` and `ui` only read the store: importing Lightning made
+    `litlab runs` take 12 s here instead of 3."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+    from litlab import tracking_store
+
+    run_ids = []
+    for lr in (0.1, 0.2):
+        run_ids.append(tracking_store.start_run(tracking_uri, "looked_at", f"lr{lr}", {"optim.lr": lr}, {}, "{}\n"))
+        tracking_store.end_run(tracking_uri, run_ids[-1], "FINISHED")
+    code = ("import sys\nfrom litlab.cli import main\n"
+            f"main(['runs', '--tracking-uri', {tracking_uri!r}])\n"
+            f"main(['compare', '--experiment', 'looked_at', '--tracking-uri', {tracking_uri!r}])\n"
+            f"main(['sync', '--tracking-uri', {tracking_uri!r}])\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'datasets'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(proc.stdout.count(run_id[:8]) == 2 for run_id in run_ids)  # a row of `runs`, a column of `compare`
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
 def test_run_prints_id_metrics_and_how_to_look(tracking_uri, tmp_path):
     proc = run_cli("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK, "trainer.max_epochs=1",
                    "tracking.system_metrics=false", cwd=tmp_path)

@@ -107,7 +107,7 @@ def find_last_checkpoint(uri: str, run_id: str, checkpoint_dir: str | None) -> P
         local = Path(checkpoint_dir) / LAST
         if local.exists():
             return local
-    from litlab.tracking import client
+    from litlab.tracking_store import client
 
     c = client(uri)
     try:

@@ -297,7 +297,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from litlab.tracking import resolve_tracking_uri
+    from litlab.tracking_store import resolve_tracking_uri
     from pathlib import Path
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -332,7 +332,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_sync(args) -> int:
     from litlab import spool
-    from litlab.tracking import resolve_tracking_uri
+    from litlab.tracking_store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     run_ids = args.run_ids or spool.spooled_runs(args.spool_dir)

@@ -217,7 +217,7 @@ def compare(run_ids: list[str] | None, experiment: str | None, tracking_uri: str
             limit: int = 10, console=None) -> dict:
     from rich.console import Console
 
-    from litlab.tracking import client, resolve_tracking_uri
+    from litlab.tracking_store import client, resolve_tracking_uri
 
     if limit < 1:
         raise UserError("--limit: must be >= 1")

@@ -95,7 +95,7 @@ def build_query(model: str | None = None, status: str | None = None, where: list
 def fetch_runs(uri: str, experiment: str | None, limit: int, *, model: str | None = None,
                status: str | None = None, where: list[str] | None = None, sort: str | None = None,
                asc: bool = False):
-    from litlab.tracking import client
+    from litlab.tracking_store import client
 
     filter_string, order, conditions = build_query(model, status, where, sort, asc)
     c = client(uri)
@@ -135,7 +135,7 @@ def print_runs(tracking_uri: str | None, experiment: str | None, limit: int, *, 
     from rich.console import Console
     from rich.table import Table
 
-    from litlab.tracking import resolve_tracking_uri
+    from litlab.tracking_store import resolve_tracking_uri
 
     if limit < 1:
         raise UserError("--limit: must be >= 1")

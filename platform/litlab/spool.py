@@ -150,7 +150,7 @@ def send_points(c, spool: MetricSpool) -> int:
 
 def sync(uri: str, run_id: str, directory: str | Path | None = None) -> dict[str, int | str | None]:
     """Send everything the spool holds for RUN_ID: points, artifacts, then the final status."""
-    from litlab.tracking import client
+    from litlab.tracking_store import client
 
     spool = MetricSpool(directory or default_spool_dir(), run_id)
     c = client(uri)
