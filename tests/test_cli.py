@@ -151,6 +151,9 @@ def test_ui_serves_the_same_store(tracking_uri, tmp_path):
         assert body["run"]["info"]["run_id"] == result.run_id
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         assert "<html" in page.lower()
+        # mlflow's CLI and its one uvicorn worker; not MLflow's job runner and its 8 processes (1.2 GiB)
+        members = subprocess.run(["ps", "-o", "args=", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+        assert len(members.splitlines()) == 2 and "job_runner" not in members, members
     finally:
         import os
 
