@@ -72,7 +72,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
             return JournalStorage(JournalFileBackend(url[len("journal:"):]))
         kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        # Optuna creates its tables on a new database; two sweeps starting at once there both did,
+        # and PostgreSQL refused the second (duplicate key in pg_type): one at a time.
+        with budget_lock(url, "litlab: create Optuna's tables"):
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except (ImportError, ModuleNotFoundError) as e:
         raise UserError(f"--storage: {redact(url)} needs a driver that is not installed ({e}); "
                         "for PostgreSQL: pip install 'litlab[postgres]'") from None
@@ -91,7 +94,8 @@ def _engine(url: str):
 
 @contextlib.contextmanager
 def budget_lock(url: str, study_name: str):
-    """Mutual exclusion between every process working on this study, wherever it runs."""
+    """Mutual exclusion between every process using this storage, wherever it runs: per study
+    name on PostgreSQL and MySQL (advisory locks), one lock per database file otherwise."""
     key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
     if url.startswith(("sqlite:///", "journal:")):
         target = url[len("sqlite:///"):] if url.startswith("sqlite") else url[len("journal:"):]
