@@ -23,10 +23,12 @@ fi
 export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
-SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (2 repeats interleave; 1 epoch is timed beside the warm-up and the profiled one)
+SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (1 epoch is timed beside the warm-up and the profiled one)
+RESNET_REPEATS=3
 if [ "${SMOKE:-0}" = 1 ]; then
   COMMON=(--smoke --device cpu)
-  SHORT=(--repeats 2 --epochs 3)
+  SHORT=(--epochs 3)
+  RESNET_REPEATS=2  # still interleaved: hand, litlab, then litlab, hand
 else
   COMMON=(--device cuda)
   "$PYTHON" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("gpu_all.sh: no CUDA device (SMOKE=1 checks the code paths on a CPU)"); print("gpu_all.sh:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)' || exit 1
@@ -52,7 +54,7 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
 # compilation; the second side reuses the inductor cache).
 variants=default
 "$PYTHON" -c "import mlflow" 2>/dev/null && variants=default,notrack
-run 110 gpu_resnet --repeats 3 --epochs 8 --profile --bench "resnet18:$variants"
+run 110 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 8 --profile --bench "resnet18:$variants"
 resnet=$?
 run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
 gpt2=$?

@@ -142,6 +142,7 @@ def trained_vae(tmp_path_factory):
     return model, before, result, logger, x_val
 
 
+@pytest.mark.slow
 def test_vae_learns_to_reconstruct_and_sample(trained_vae):
     from litlab import quality
 

@@ -97,6 +97,7 @@ def test_looking_at_runs_imports_neither_torch_nor_lightning(tracking_uri, tmp_p
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
 
 
+@pytest.mark.slow
 def test_run_prints_id_metrics_and_how_to_look(tracking_uri, tmp_path):
     proc = run_cli("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK, "trainer.max_epochs=1",
                    "tracking.system_metrics=false", cwd=tmp_path)
@@ -105,6 +106,7 @@ def test_run_prints_id_metrics_and_how_to_look(tracking_uri, tmp_path):
     assert "FINISHED" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_command_ends_right_after_its_last_line(tracking_uri, tmp_path):
     # The interpreter's final garbage-cycle search over torch, Lightning and MLflow took 4 s here
     # after the run had printed everything (litlab.cli.run_as_program freezes them instead).
@@ -120,6 +122,7 @@ def test_dry_run_prints_resolved_config(capsys):
     assert "lr: 0.02" in out and "num_classes: 10" in out
 
 
+@pytest.mark.slow
 def test_ui_serves_the_same_store(tracking_uri, tmp_path):
     """`litlab ui` starts the MLflow UI on 127.0.0.1 over litlab's store; the run is visible there."""
     import json

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import MLP_DIGITS, QUICK, all_runs, run_cli
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_one_run(tracking_uri, tmp_path):
     proc = run_cli("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK, "tracking.system_metrics=false",
                    "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", cwd=tmp_path, timeout=400)

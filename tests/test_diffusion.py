@@ -227,6 +227,7 @@ def _near_mode(x01: torch.Tensor) -> torch.Tensor:
     return torch.where(d.min(1).values < 0.3, d.argmin(1), torch.full((len(x),), -1))
 
 
+@pytest.mark.slow
 def test_ddpm_learns_a_2d_mixture_and_guidance_picks_the_class():
     """The registered module's own loss and samplers on 2-channel 1x1 "images" (the U-Net's 3x3 convs
     then act per pixel): untrained samples are nowhere near the modes; trained ones are, both modes
@@ -246,6 +247,7 @@ def test_ddpm_learns_a_2d_mixture_and_guidance_picks_the_class():
     assert (guided == asked).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_ncsn_learns_a_2d_mixture_with_annealed_langevin():
     torch.manual_seed(0)
     model = NCSN((2, 1, 1), sigma_max=2.0, sigma_min=0.02, num_levels=8, steps_per_level=20, step_lr=2e-3,

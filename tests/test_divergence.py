@@ -53,6 +53,7 @@ def test_skip_nonfinite_skips_only_the_bad_steps(tracking_uri):
     assert _finite(last["state_dict"])
 
 
+@pytest.mark.slow
 def test_divergence_from_the_cli_is_one_line_and_exit_1(tmp_path):
     p = run_cli("run", str(MLP_DIGITS), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "optim.name=sgd",
                 "optim.lr=10", "model.hidden=[256,256]", "optim.scheduler.name=none", "trainer.max_epochs=3",

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from mlflow import MlflowClient
 
@@ -71,6 +72,7 @@ def _assert_identical(a, b, path="") -> None:
         assert a == b, f"{path}: {a} != {b}"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = cli_env(OMP_NUM_THREADS="1")

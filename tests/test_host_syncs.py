@@ -213,6 +213,7 @@ def test_the_models_listed_as_waiting_do_wait(name, tmp_path, monkeypatch):
     assert count_waits(name, tmp_path, monkeypatch).waiting_steps(), f"{name} waits for nothing now"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, overrides", smoke_benchmark_runs())
 def test_a_tracked_run_waits_only_at_its_logging_steps(source, overrides, tracking_uri, monkeypatch):
     """runner.run with its defaults (MLflow tracking, NaN guard, checkpoints, exact-resume state,

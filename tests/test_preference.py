@@ -194,6 +194,7 @@ def test_reference_from_a_checkpoint_is_not_saved_twice(tmp_path):
 
 
 # ---------------------------------------------------------------- learning checks
+@pytest.mark.slow
 def test_sft_then_dpo_raises_the_property_rate(tmp_path):
     """SFT on both completions (property ~50%) -> its Lightning checkpoint is DPO's reference ->
     DPO: the policy's samples (temperature 1, fixed seed, 1000 of them) have the property clearly

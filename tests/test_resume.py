@@ -44,6 +44,7 @@ def test_resume_refuses_model_changes(tracking_uri):
         runner.resume(first.run_id, ["model.hidden=[64]"], tracking_uri=tracking_uri)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
     epochs = 20
     cmd = litlab_cmd("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK,

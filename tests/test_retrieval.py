@@ -161,6 +161,7 @@ def rag_run(tmp_path_factory):
     return dm, model, _trainer(1, tmp).test(model, datamodule=dm, verbose=False)[0]
 
 
+@pytest.mark.slow
 def test_rag_retrieval_beats_no_retrieval(rag_run):
     _, _, m = rag_run
     assert m["test/acc_oracle"] > m["test/acc_none"] + 0.15, m

@@ -219,6 +219,7 @@ def long_runs():
     return {a: _train(a, 20, 30) for a in ATTENTIONS}
 
 
+@pytest.mark.slow
 def test_attention_beats_the_bottleneck_on_long_inputs(long_runs):
     """Reversing 20-30 digits: one fixed-size state cannot hold them all (measured 0.00 exact match
     on seeds 0-9), attention reads them back one by one (luong 0.78-0.95, bahdanau 0.25-0.59)."""

@@ -55,6 +55,7 @@ def children_of(uri: str, parent: str):
     return [r for r in c.search_runs(exps) if r.data.tags.get("mlflow.parentRunId") == parent]
 
 
+@pytest.mark.slow
 def test_sweep_prunes_and_tracks_one_parent_and_a_child_per_trial(tmp_path, tracking_uri, capsys):
     result = driver.sweep(write_sweep(tmp_path), tracking_uri=tracking_uri, storage=storage_of(tmp_path))
     study = optuna.load_study(study_name="tiny", storage=storage_of(tmp_path))
@@ -83,6 +84,7 @@ def test_sweep_prunes_and_tracks_one_parent_and_a_child_per_trial(tmp_path, trac
     assert "litlab run" in out and f"#{study.best_trial.number}" in out
 
 
+@pytest.mark.slow
 def test_resume_after_killing_the_sweep_mid_trial(tmp_path, tracking_uri):
     sweep = write_sweep(tmp_path, n_trials=4, pruner={"name": "none"},
                         overrides=TINY[:-1] + ["trainer.max_epochs=20", "data.batch_size=16"])
@@ -130,6 +132,7 @@ def children_of_all(uri):
             if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.slow
 def test_two_workers_run_trials_in_parallel_processes(tmp_path, tracking_uri):
     sweep = write_sweep(tmp_path, n_trials=4, pruner={"name": "none"},
                         overrides=TINY[:-1] + ["trainer.max_epochs=6", "data.batch_size=32"])
@@ -142,6 +145,7 @@ def test_two_workers_run_trials_in_parallel_processes(tmp_path, tracking_uri):
     assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), "trials never overlapped"
 
 
+@pytest.mark.slow
 def test_a_slow_trial_start_is_not_taken_for_a_dead_trial(tmp_path, tracking_uri):
     # A fresh `litlab sweep` process starts its forkserver (imports Lightning, MLflow, ...: seconds, far
     # more on a loaded machine) while its first trial already exists; the grace period here is shorter
@@ -172,6 +176,7 @@ def test_show_and_bad_sweep_files(tmp_path, tracking_uri, capsys):
     assert len(err) == 1 and "optim.lrr" in err[0]
 
 
+@pytest.mark.slow
 def test_multi_objective_sweep(tmp_path, tracking_uri, capsys):
     sweep = write_sweep(tmp_path, n_trials=3, metric=["val/acc", "val/loss"], direction=["maximize", "minimize"],
                         sampler={"name": "nsga2", "seed": 0}, pruner={"name": "none"})
