@@ -48,8 +48,9 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
 # ~3 s per side, long enough that the host's noise, +-5% over 1 s windows on the first H200 session,
 # averages out), with and without tracking where mlflow is installed (without it both variants are
 # the same untracked run, so only one is measured); in the first repeat, the epoch after the
-# warm-up runs under torch.profiler, untimed (--profile: wall, host time in ops and GPU busy per step: whether the host sets the
-# pace, and whether litlab's host or GPU work differs from the hand loop's). GPT-2: 2 repeats x 2
+# warm-up runs under torch.profiler, untimed (--profile: wall, host time in ops and GPU busy per
+# step: whether the host sets the pace, and whether litlab's host or GPU work differs from the hand
+# loop's). GPT-2: 2 repeats x 2
 # epochs of 28 steps, then the start-up times (~20 s). Compiled GPT-2: one repeat (mostly
 # compilation; the second side reuses the inductor cache).
 variants=default

@@ -20,7 +20,7 @@ from typing import Any
 from litlab.server_probe import check_reachable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-_MAX_PARAMS = 100  # ... and on params per call
+_MAX_PARAMS = 100  # MLflow's limit on params per log_batch call
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
