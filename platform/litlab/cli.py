@@ -297,14 +297,14 @@ def cmd_compare(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from litlab.tracking_store import resolve_tracking_uri
-    from pathlib import Path
+    from litlab.tracking_store import artifact_root, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port), "--workers", "1"]
-    if uri.startswith("sqlite:///"):
-        cmd += ["--default-artifact-root", (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()]
+    root = artifact_root(uri)  # a local SQLite store: artifacts beside it, where litlab's runs put them
+    if root:
+        cmd += ["--default-artifact-root", root]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"litlab ui: warning: listening on {args.host}: anyone who can reach this machine can read (and "
               "change) your runs; MLflow has no login here", file=sys.stderr)

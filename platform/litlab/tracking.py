@@ -25,8 +25,6 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from litlab.server_probe import check_reachable
 from litlab.tracking_store import (  # noqa: F401  (re-exported: litlab.tracking is the one tracking API)
-    DEFAULT_TRACKING_URI,
-    HTTP_DEFAULTS,
     _ready,
     attach_run,
     client,

@@ -61,7 +61,7 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _artifact_root(uri: str) -> str | None:
+def artifact_root(uri: str) -> str | None:
     """For a local SQLite store, artifacts live beside the DB: <dir>/artifacts/<experiment>."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
@@ -76,7 +76,7 @@ def get_or_create_experiment(c, uri: str, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    root = _artifact_root(uri)
+    root = artifact_root(uri)
     try:
         return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
     except MlflowException:  # created by a parallel process in between
