@@ -318,9 +318,11 @@ def cmd_ui(args) -> int:
 
 def cmd_sweep(args) -> int:
     _quiet_libraries()
-    from litlab.sweep import trial
+    from litlab.sweep import TRIAL_ENV
 
-    if os.environ.get(trial.TRIAL_ENV) and _rank_from_env() != 0:
+    if os.environ.get(TRIAL_ENV) and _rank_from_env() != 0:
+        from litlab.sweep import trial
+
         return trial.follow_ddp_trial()  # a DDP rank > 0 that Lightning launched for a trial
     from litlab.sweep import driver
 

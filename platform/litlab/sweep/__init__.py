@@ -6,3 +6,7 @@ trial.py    one trial in its own process: ask, suggest, runner.run with pruning,
 driver.py   the study loop: parent MLflow run, K worker slots, resume, the end report
 report.py   best-trials table, the command reproducing the best trial, Optuna plots as artifacts
 """
+
+# Set in a DDP trial's environment (JSON: its experiment and overrides): the ranks > 0 Lightning launches
+# run `litlab sweep` again and follow the trial. Here, not in trial.py, so checking it imports no Lightning.
+TRIAL_ENV = "LITLAB_TRIAL"

@@ -22,13 +22,11 @@ from multiprocessing.connection import wait
 
 import optuna
 
-from litlab import runner, tracking
+from litlab import tracking_store as tracking
 from litlab.config import flatten
 from litlab.errors import UserError
-from litlab.progress import fmt_seconds
 from litlab.sweep import storage as st
 from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, load_spec
-from litlab.sweep.trial import TrialJob, run_trial
 
 PARENT_ATTR = "litlab.mlflow_parent_run_id"
 
@@ -125,12 +123,16 @@ def _parent_run(spec: SweepSpec, study: optuna.Study, url: str, tracking_uri: st
 def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None = None, workers: int = 1,
           storage: str | None = None, study_name: str | None = None, tracking_uri: str | None = None,
           gpus_per_trial: int | None = None, quiet: bool = False) -> SweepResult:
-    from litlab.sweep import report
-
-    ctx = _context()
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()  # its preload imports run while this process validates the sweep
+    ctx = _context()
+    # First, before this process imports Lightning (~5-10 s): the forkserver's preload imports then
+    # run beside this process's own, on another core, while it validates the sweep.
+    forkserver.ensure_running()
+    from litlab import runner
+    from litlab.sweep import report
+    from litlab.sweep.trial import TrialJob, run_trial
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # litlab prints its own one line per trial
     spec = load_spec(path, overrides)
     if n_trials is not None:
@@ -245,6 +247,8 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
                  workers: int = 1) -> None:
     """Log progress to the parent run and one line to the terminal."""
     from mlflow.entities import Metric
+
+    from litlab.progress import fmt_seconds  # imports Lightning: here, not before the forkserver starts
 
     trials = study.get_trials(deepcopy=False)
     t = next((t for t in trials if t.number == number), None)

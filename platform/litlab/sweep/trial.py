@@ -22,11 +22,10 @@ from lightning.pytorch.callbacks import Callback
 
 from litlab import runner, tracking
 from litlab.errors import UserError
+from litlab.sweep import TRIAL_ENV
 from litlab.sweep import storage as st
 from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, objective_overrides, suggest
 from litlab.sweep.values import to_overrides
-
-TRIAL_ENV = "LITLAB_TRIAL"
 
 
 class PrunedRun(optuna.TrialPruned):
