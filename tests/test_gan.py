@@ -5,12 +5,13 @@ receptive field, the generated image tasks, and seeded learning checks for every
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litlab import quality, registry
+from litlab import plots, quality, registry
 from litlab.chapters.gan import losses
 from litlab.chapters.gan.nets import DCDiscriminator, DCGenerator, PatchDiscriminator, UNet
 from litlab.config import OptimConfig
@@ -361,7 +362,8 @@ class _FigureLogger(L.pytorch.loggers.Logger):
         pass
 
     def log_figure(self, figure, artifact_file):
-        self.figures.append((artifact_file, len(figure.axes)))
+        (ax,) = figure.axes  # the grid is one image on one axes
+        self.figures.append((artifact_file, ax.images[0].get_array().shape))
 
 
 @pytest.mark.parametrize("name", ["gan", "cyclegan"])
@@ -369,16 +371,32 @@ def test_sample_grids_every_few_epochs_and_at_the_end(name):
     L.seed_everything(0, verbose=False)
     if name == "gan":
         model = registry.MODELS["gan"].cls(input_shape=(1, 8, 8), g_width=4, d_width=4, plot_every_n_epochs=2)
-        model.fixed_z = model.fixed_z[:16]  # a 4 x 4 grid: matplotlib's 64 panels are the slow part
-        dm, rows = _digits(batch_size=16), 16
+        model.fixed_z = model.fixed_z[:16]  # 8 rows (nrow=8) x 2 columns
+        dm, grid = _digits(batch_size=16), (8, 2)
     else:
         model = registry.MODELS["cyclegan"].cls(input_shape=(1, 8, 8), width=4, d_width=4, depth=2,
                                                 plot_every_n_epochs=2)
-        dm, rows = DigitDomainsDataModule(task="invert", image_size=8, batch_size=16), 5 * 8
+        dm, grid = DigitDomainsDataModule(task="invert", image_size=8, batch_size=16), (5, 8)
     model.optim_config = OptimConfig()
     logger = _FigureLogger()
     L.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=logger,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
               num_sanity_val_steps=0).fit(model, datamodule=dm)
     assert [f for f, _ in logger.figures] == ["plots/samples_epoch_2.png", "plots/samples_epoch_3.png"]
-    assert all(n == rows for _, n in logger.figures)  # one panel per image (cyclegan: 5 rows x 8)
+    mosaic = plots.tile_images(np.zeros((grid[0] * grid[1], 8, 8)), *grid).shape  # 8x8 images, rows x columns
+    assert all(shape == mosaic for _, shape in logger.figures), (logger.figures, mosaic)  # cyclegan: 5 rows x 8
+
+
+def test_tile_images_puts_image_i_at_row_i_div_cols_and_leaves_white_gaps():
+    images = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2) / 30  # 5 images of 3 x 2
+    out = plots.tile_images(images, rows=2, cols=3, band=2)  # gap: 1 pixel
+    assert out.shape == (2 * (3 + 2 + 1) - 1, 3 * (2 + 1) - 1)
+    for i in range(5):
+        top, left = (i // 3) * 6 + 2, (i % 3) * 3
+        assert np.array_equal(out[top:top + 3, left:left + 2], images[i])
+    covered = np.zeros(out.shape, bool)
+    for i in range(5):
+        covered[(i // 3) * 6 + 2:(i // 3) * 6 + 5, (i % 3) * 3:(i % 3) * 3 + 2] = True
+    assert np.all(out[~covered] == 1.0)  # the label bands, the gaps and the sixth, empty cell
+    rgb = plots.tile_images(np.zeros((4, 8, 8, 3)), rows=2, cols=2)
+    assert rgb.shape == (17, 17, 3) and rgb[8, 0].tolist() == [1.0, 1.0, 1.0]

@@ -232,3 +232,9 @@ def test_attention_figure_weights_are_causal_rows_of_the_softmax():
         assert torch.all(w[layer].triu(1) == 0)  # no query looks ahead
     fig = self_attention_figure(w, list("abcdefghi"), "t")
     assert len(fig.axes) == 3 * 2 + 1  # 3 layers x 2 heads + the colour bar
+    panels = fig.axes[:6]  # row-major: (layer, head); the tokens label only the outer panels
+    tokens = list("abcdefghi")
+    for i, ax in enumerate(panels):
+        assert [t.get_text() for t in ax.get_yticklabels()] == (tokens if i % 2 == 0 else [])
+        assert [t.get_text() for t in ax.get_xticklabels()] == (tokens if i >= 4 else [])
+        assert ax.get_xlim() == (-0.5, 8.5) and ax.get_ylim() == (8.5, -0.5)  # the whole 9 x 9 image
