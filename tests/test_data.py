@@ -71,6 +71,43 @@ def test_digits_split_depends_on_split_seed_only(digits):
     assert set(_ids(other, "test")) != set(_ids(digits, "test"))
 
 
+@pytest.mark.parametrize("split_seed,val,test", [(0, 0.15, 0.15), (3, 0.1, 0.3)])
+def test_digits_splits_are_the_rows_hf_train_test_split_gives(split_seed, val, test):
+    """litlab.data.splits computes HF's stratified split itself (HF reads the labels row by row):
+    the same rows in the same order as ds.train_test_split, test first, then val out of the rest."""
+    from litlab.data.digits import digits_hf_dataset
+
+    dm = DigitsDataModule(split_seed=split_seed, val_fraction=val, test_fraction=test, normalize=False)
+    dm.setup()
+    ds = digits_hf_dataset()
+    first = ds.train_test_split(test_size=test, seed=split_seed, stratify_by_column="label")
+    second = first["train"].train_test_split(test_size=val / (1 - test), seed=split_seed, stratify_by_column="label")
+    for name, hf, served in (("train", second["train"], dm.train_set), ("val", second["test"], dm.val_set),
+                             ("test", first["test"], dm.test_set)):
+        assert _ids(dm, name) == hf["id"], name
+        t = hf.with_format("torch", columns=["image", "label"])[:]
+        assert torch.equal(served.x, t["image"].unsqueeze(1).float() / 16) and torch.equal(served.y, t["label"]), name
+
+
+def test_stratified_split_is_hf_train_test_split_on_any_dataset():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from litlab.data.splits import stratified_split
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=301, p=[0.55, 0.25, 0.15, 0.05])  # uneven classes
+    ds = Dataset.from_dict({"id": np.arange(301), "y": labels},
+                           features=Features({"id": Value("int32"), "y": ClassLabel(num_classes=4)}))
+    ds = ds.select(rng.permutation(301)[:250])  # an index mapping, as after a first split
+    for fraction, seed in ((0.2, 0), (0.33, 7)):
+        train, test = stratified_split(ds, fraction, seed, column="y")
+        hf = ds.train_test_split(test_size=fraction, seed=seed, stratify_by_column="y")
+        assert train["id"] == hf["train"]["id"] and test["id"] == hf["test"]["id"]
+    lonely = Dataset.from_dict({"y": [0, 0, 0, 1]}, features=Features({"y": ClassLabel(num_classes=2)}))
+    with pytest.raises(ValueError, match="only 1 member"):
+        stratified_split(lonely, 0.5, 0, column="y")
+
+
 def test_digits_shapes_dtypes_and_normalisation(digits):
     x, y = digits.train_set[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == ()

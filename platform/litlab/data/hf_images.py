@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from litlab.data.base import LitlabDataModule
 from litlab.data.memory import Batch, FastLoaderMixin, TensorBatchDataset
+from litlab.data.splits import stratified_split
 from litlab.errors import UserError
 from litlab.registry import register_data
 from litlab.schema import Range
@@ -232,11 +233,12 @@ class HFImagesDataModule(FastLoaderMixin, LitlabDataModule):
     def _carve(self, ds, fraction: float):
         from datasets import ClassLabel
 
-        stratify = self.label_column if isinstance(ds.features[self.label_column], ClassLabel) else None
-        try:
-            parts = ds.train_test_split(test_size=fraction, seed=self.split_seed, stratify_by_column=stratify)
-        except ValueError:  # too few rows per class to stratify
-            parts = ds.train_test_split(test_size=fraction, seed=self.split_seed)
+        if isinstance(ds.features[self.label_column], ClassLabel):
+            try:  # = ds.train_test_split(..., stratify_by_column=label_column), without its row-by-row label read
+                return stratified_split(ds, fraction, self.split_seed, self.label_column)
+            except ValueError:  # too few rows per class to stratify
+                pass
+        parts = ds.train_test_split(test_size=fraction, seed=self.split_seed)
         return parts["train"], parts["test"]
 
     def setup(self, stage: str | None = None) -> None:
