@@ -2,7 +2,7 @@
 `ds.train_test_split(test_size=f, seed=s, stratify_by_column=c)` returns (HF's own index generator,
 HF's sizes), at a fraction of its cost. datasets 5 reads the label column one row at a time to
 stratify: 0.45 s for the 1,797 rows of digits, 6.5 s for 50,000 rows here. The labels are read
-here as one batch (milliseconds), or passed in by a caller that has them already.
+here as one batch (milliseconds); digits passes the labels it has.
 tests/test_data.py checks the rows against HF's own train_test_split."""
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ def stratified_split_indices(labels: np.ndarray, test_size: float, seed: int) ->
         train, test = next(stratified_shuffle_split_generate_indices(
             np.asarray(labels), len(labels) - n_test, n_test, rng=np.random.default_rng(seed)))
     except ValueError as e:
-        if str(e) == "Minimum class count error":  # HF's own words, and its own message for them
+        if str(e) == "Minimum class count error":  # HF's generator says this; train_test_split words it so
             raise ValueError("The least populated class has only 1 member, which is too few to stratify") from None
         raise
     return np.asarray(train), np.asarray(test)
 
 
-def stratified_split(ds, test_size: float, seed: int, column: str = "label", labels: np.ndarray | None = None):
-    """(train, test) Datasets of `ds`, stratified by `column` (a ClassLabel); `labels`: that column
-    as an array, when the caller has it. Raises ValueError when a class has a single row."""
-    labels = class_labels(ds, column) if labels is None else labels
-    train, test = stratified_split_indices(labels, test_size, seed)
+def stratified_split(ds, test_size: float, seed: int, column: str = "label"):
+    """(train, test) Datasets of `ds`, stratified by `column` (a ClassLabel). Raises ValueError when
+    a class has a single row."""
+    train, test = stratified_split_indices(class_labels(ds, column), test_size, seed)
     return ds.select(train), ds.select(test)

@@ -35,9 +35,11 @@ def self_attention_figure(weights: dict[int, Tensor], tokens: list[str], title: 
             ax.set_title(f"layer {layer + 1}, head {h + 1}", fontsize=8)
             # Every panel shows the same tokens: label them on the outer panels only. A tick label on
             # each of 12 panels' 2 x 40 ticks took 7 of the 8 s this figure cost (ticks and layout).
-            ax.set_yticks(range(len(labels)), labels, fontsize=5) if h == 0 else ax.set_yticks([])
             if h == 0:
+                ax.set_yticks(range(len(labels)), labels, fontsize=5)
                 ax.set_ylabel("query token")
+            else:
+                ax.set_yticks([])
             if row == len(layers) - 1:
                 ax.set_xticks(range(len(labels)), labels, fontsize=5)
                 ax.set_xlabel("key token")
