@@ -82,21 +82,37 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subproce
 def run_cli_tail(*args: str, cwd: Path, timeout: float = 300, **env: str) -> tuple[int, str, float]:
     """Run `litlab ARGS` with stdout and stderr on one pipe: (exit status, output, seconds from its
     last line to the pipe's end). The pipe ends when the process and every child holding it have
-    exited: what `litlab ... | tee log` waits for."""
+    exited: what `litlab ... | tee log` waits for. After `timeout` seconds, silent or not, the
+    process and its children are killed and TimeoutExpired is raised."""
+    import signal
+    import threading
     import time
 
     proc = subprocess.Popen(litlab_cmd(*args), cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    expired = threading.Event()
+
+    def kill_all():  # the whole session: a child holding the pipe would keep the loop below waiting
+        expired.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    watchdog = threading.Timer(timeout, kill_all)
+    watchdog.start()
     lines, last = [], time.monotonic()
-    deadline = last + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        last = time.monotonic()
-        if last > deadline:
-            proc.kill()
-            raise subprocess.TimeoutExpired(proc.args, timeout)
-    tail = time.monotonic() - last
-    return proc.wait(timeout=max(1.0, deadline - time.monotonic())), "".join(lines), tail
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            last = time.monotonic()
+        tail = time.monotonic() - last
+        code = proc.wait()
+    finally:
+        watchdog.cancel()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(proc.args, timeout, output="".join(lines))
+    return code, "".join(lines), tail
 
 
 def all_runs(uri: str, include_deleted: bool = False):
