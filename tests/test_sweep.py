@@ -132,6 +132,35 @@ def children_of_all(uri):
             if "mlflow.parentRunId" in r.data.tags]
 
 
+def test_failing_heartbeats_say_so_once_and_say_when_they_recover(capsys):
+    from litlab.sweep import storage as st
+
+    study = optuna.create_study()
+    trial = study.ask()
+    real = study._storage.set_trial_user_attr
+    outcomes = iter([True] + [False] * 5 + [True] * 1000)  # the first beat, 5 failed, then all get through
+    beats = []
+
+    def flaky(trial_id, key, value):
+        if not next(outcomes):
+            raise ConnectionError("server closed the connection unexpectedly")
+        beats.append(value)
+        real(trial_id, key, value)
+
+    study._storage.set_trial_user_attr = flaky
+    with st.Heartbeat(study, trial._trial_id, interval=0.01, number=7):
+        deadline = time.time() + 10
+        while len(beats) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "litlab sweep: trial 7: 3 heartbeats in a row failed (ConnectionError: server closed the connection "
+        "unexpectedly); if the storage stays unreachable for grace_period, other sweep processes will fail and "
+        "retry this trial",
+        "litlab sweep: trial 7: heartbeats get through again (after 5 failed)"], lines
+    assert study.trials[0].user_attrs[st.HEARTBEAT] == beats[-1]
+
+
 def test_the_forkserver_starts_before_the_driver_imports_lightning(tmp_path):
     """The forkserver's preload (Lightning, MLflow, ...) runs beside the driver's own imports: a
     2-trial sweep on this 2-core machine reached its first result in 17 s instead of 25."""

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -174,10 +175,16 @@ def beat_live(study: optuna.Study, trial_ids: list[int]) -> None:
 
 
 class Heartbeat:
-    """Refreshes the trial's heartbeat every `interval` seconds from a daemon thread."""
+    """Refreshes the trial's heartbeat every `interval` seconds from a daemon thread. A failed beat
+    (a storage hiccup) is retried at the next one; `misses_to_warn` failures in a row print one
+    line to stderr, since other sweep processes fail and retry a trial whose beats stop for
+    grace_period, and one more line when the beats get through again."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float, number: int | None = None,
+                 misses_to_warn: int = 3):
         self.study, self.trial_id, self.interval = study, trial_id, interval
+        self.name = f"trial {trial_id if number is None else number}"
+        self.misses_to_warn = misses_to_warn
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="litlab-heartbeat", daemon=True)
 
@@ -187,15 +194,28 @@ class Heartbeat:
         return self
 
     def _run(self):
+        misses = 0
         while not self._stop.wait(self.interval):
             try:
                 beat(self.study, self.trial_id)
-            except Exception:
-                pass  # a storage hiccup: the next beat may succeed; grace covers a few misses
+            except Exception as e:
+                misses += 1
+                if misses == self.misses_to_warn:
+                    _say(f"litlab sweep: {self.name}: {misses} heartbeats in a row failed ({type(e).__name__}: "
+                         f"{str(e)[:200]}); if the storage stays unreachable for grace_period, other sweep "
+                         "processes will fail and retry this trial")
+                continue
+            if misses >= self.misses_to_warn:
+                _say(f"litlab sweep: {self.name}: heartbeats get through again (after {misses} failed)")
+            misses = 0
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def fail_and_retry(study: optuna.Study, trial, max_retries: int, reason: str) -> bool:

@@ -111,7 +111,7 @@ def run_trial(job: TrialJob) -> None:
     study.get_trials(deepcopy=False)  # sync Optuna's storage cache: the trial was made by the driver
     trial = optuna.trial.Trial(study, job.trial_id)
     state, values, error = optuna.trial.TrialState.FAIL, None, None
-    with st.Heartbeat(study, job.trial_id, spec.heartbeat_interval):
+    with st.Heartbeat(study, job.trial_id, spec.heartbeat_interval, number=job.number):
         try:
             trial.set_user_attr("litlab.pid", os.getpid())
             trial.set_user_attr("litlab.driver", job.driver_id)
