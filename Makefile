@@ -40,7 +40,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/litlab run experiments/mlp/mlp_digits.yaml
 
 # Two pytest-xdist processes share the tests (each runs torch on one thread): 13 min of pytest on
-# the project's 2-core machine (three processes: 19 min). TEST_WORKERS=0: one process.
+# the project's 2-core machine (three were slower: 19 min where two took 17). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev-installed
 	HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS)
