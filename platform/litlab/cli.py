@@ -218,6 +218,11 @@ def _quiet_libraries() -> None:
 
 def cmd_run(args) -> int:
     _quiet_libraries()
+    from litlab import config
+
+    # The file, the overrides and litlab's own sections, before the ~10 s import of Lightning: a
+    # typo there is one line at once (the model's and data's arguments are checked after it).
+    config.precheck(config.load_raw(args.experiment, args.overrides))
     from litlab import runner
 
     if args.dry_run:

@@ -334,6 +334,20 @@ def validate(raw: dict[str, Any], data_info: typing.Callable[[type, dict], dict]
     """
     from litlab import registry
 
+    head = precheck(raw)
+    data_entry = registry.get_data(raw["data"]["name"])
+    data_args = resolve_args("data", data_entry.cls, {k: v for k, v in raw["data"].items() if k != "name"})
+    model_entry = registry.get_model(raw["model"]["name"])
+    provided = data_info(data_entry.cls, data_args) if data_info else {}
+    model_args = resolve_args("model", model_entry.cls, {k: v for k, v in raw["model"].items() if k != "name"}, provided)
+    return Config(model={"name": model_entry.name, **model_args}, data={"name": data_entry.name, **data_args}, **head)
+
+
+def precheck(raw: Any) -> dict[str, Any]:
+    """All that validate() checks without the model and data registries (they import torch and
+    Lightning, ~10 s): the sections, name, seed, that model and data name something, and litlab's own
+    sections (optim, trainer, callbacks, tracking) with their cross-checks. `litlab run` calls it
+    before that import, so a typo there is one line at once. Returns Config's other fields."""
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping of sections, got {type(raw).__name__}")
     for k in raw:
@@ -343,48 +357,32 @@ def validate(raw: dict[str, Any], data_info: typing.Callable[[type, dict], dict]
     if not re.fullmatch(r"[\w.\-]+", name):
         raise ConfigError("name", f"{name!r}: use letters, digits, '_', '-' and '.' only")
     seed = check(raw.get("seed", 0), Annotated[int, Range(ge=0, lt=2**32)], "seed")
-
-    sections = {}
     for sec in ("model", "data"):
         body = raw.get(sec)
         if not isinstance(body, dict):
             raise ConfigError(sec, f"missing or not a section: expected {sec}: {{name: ..., ...args}}")
         if "name" not in body:
             raise ConfigError(f"{sec}.name", "is required")
-        sections[sec] = body
-
-    data_entry = registry.get_data(sections["data"]["name"])
-    data_args = resolve_args("data", data_entry.cls, {k: v for k, v in sections["data"].items() if k != "name"})
-    model_entry = registry.get_model(sections["model"]["name"])
-    provided = data_info(data_entry.cls, data_args) if data_info else {}
-    model_args = resolve_args("model", model_entry.cls, {k: v for k, v in sections["model"].items() if k != "name"}, provided)
-
     typed = {sec: _build_dataclass(cls, raw.get(sec), sec) for sec, cls in SECTIONS.items()}
-    cfg = Config(
-        name=name,
-        description=check(raw.get("description", ""), str, "description"),
-        seed=seed,
-        model={"name": model_entry.name, **model_args},
-        data={"name": data_entry.name, **data_args},
-        **typed,
-    )
-    _cross_checks(cfg)
-    return cfg
+    _cross_checks(**typed)
+    return dict(name=name, description=check(raw.get("description", ""), str, "description"), seed=seed, **typed)
 
 
-def _cross_checks(cfg: Config) -> None:
-    o = cfg.optim
-    if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
+def _cross_checks(optim: OptimConfig, trainer: TrainerConfig, callbacks: CallbacksConfig, **_) -> None:
+    if optim.nesterov and (optim.name != "sgd" or optim.momentum <= 0):
         raise ConfigError("optim.nesterov", "needs optim.name=sgd and optim.momentum > 0")
-    t = cfg.trainer
-    if t.compile_mode != "default" and not t.compile:
-        raise ConfigError("trainer.compile_mode", f"{t.compile_mode!r} is only used with trainer.compile=true")
-    es = cfg.callbacks.early_stopping
-    if es.enabled and es.mode is None and es.monitor not in (None, cfg.callbacks.checkpoint.monitor):
+    if trainer.compile_mode != "default" and not trainer.compile:
+        raise ConfigError("trainer.compile_mode", f"{trainer.compile_mode!r} is only used with trainer.compile=true")
+    es = callbacks.early_stopping
+    if es.enabled and es.mode is None and es.monitor not in (None, callbacks.checkpoint.monitor):
         raise ConfigError("callbacks.early_stopping.mode", "set it (min or max) when monitoring a different metric")
 
 
 def load(path: str | Path | dict, overrides: list[str] | dict | None = None, data_info=None) -> Config:
+    return validate(load_raw(path, overrides), data_info)
+
+
+def load_raw(path: str | Path | dict, overrides: list[str] | dict | None = None) -> dict[str, Any]:
+    """The YAML file (or dict) with the dotted overrides applied, not validated yet."""
     raw = path if isinstance(path, dict) else load_yaml(path)
-    raw = apply_overrides(raw, overrides or [])
-    return validate(raw, data_info)
+    return apply_overrides(raw, overrides or [])
