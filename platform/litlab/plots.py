@@ -75,10 +75,9 @@ def image_grid(images, title: str = "", nrow: int | None = None, labels=None, cm
     import matplotlib.pyplot as plt
     import numpy as np
 
-    arr = images.detach().float().cpu().clamp(0, 1).numpy() if hasattr(images, "detach") else np.asarray(images)
+    arr = images.detach().float().cpu().clamp(0, 1).numpy() if hasattr(images, "detach") else np.clip(images, 0, 1)
     if arr.ndim == 4:
         arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)  # (N, H, W) or (N, H, W, 3)
-    arr = np.clip(arr, 0, 1)
     n, h, w = arr.shape[:3]
     rows = nrow or max(1, int(np.floor(np.sqrt(n))))
     cols = int(np.ceil(n / rows))

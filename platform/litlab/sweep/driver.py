@@ -10,6 +10,7 @@ command resumes the study: it continues to n_trials in total, retrying trials wh
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import multiprocessing
@@ -25,6 +26,7 @@ import optuna
 from litlab import tracking_store as tracking
 from litlab.config import flatten
 from litlab.errors import UserError
+from litlab.sweep import report
 from litlab.sweep import storage as st
 from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, load_spec
 
@@ -130,7 +132,6 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
     # run beside this process's own, on another core, while it validates the sweep.
     forkserver.ensure_running()
     from litlab import runner
-    from litlab.sweep import report
     from litlab.sweep.trial import TrialJob, run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # litlab prints its own one line per trial
@@ -248,8 +249,6 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
     """Log progress to the parent run and one line to the terminal."""
     from mlflow.entities import Metric
 
-    from litlab.progress import fmt_seconds  # imports Lightning: here, not before the forkserver starts
-
     trials = study.get_trials(deepcopy=False)
     t = next((t for t in trials if t.number == number), None)
     counts = {s: sum(1 for x in trials if x.state == s) for s in optuna.trial.TrialState}
@@ -272,15 +271,13 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
         durations = [x.duration.total_seconds() for x in trials if x.duration is not None and x.state in (
             optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         eta = sweep_eta(durations, spec.n_trials - finished, workers) if finished < spec.n_trials else None
-        eta_text = f"  ETA {fmt_seconds(eta)}" if eta is not None else ""
+        eta_text = f"  ETA {report.fmt_duration(datetime.timedelta(seconds=eta))}" if eta is not None else ""
         say(f"[{finished}/{spec.n_trials}] trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}{eta_text}")
 
 
 def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:
     """The best trials as a table and the exact command that reproduces the best one."""
     from rich.console import Console
-
-    from litlab.sweep import report
 
     console = Console(stderr=False)
     if not console.is_terminal:
