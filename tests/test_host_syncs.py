@@ -189,9 +189,11 @@ def test_the_reasons_name_registered_models():
 
 def count_waits(name: str, tmp_path, monkeypatch) -> WaitCounter:
     entry, dm, model = _build(name)
+    # logging steps among them (2, 4, 6): Lightning gathers the step's logged values there, even
+    # with no logger, and turned each prog_bar one into a number (a sync) before litlab's loop
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        log_every_n_steps=50, default_root_dir=tmp_path)
+                        log_every_n_steps=2, default_root_dir=tmp_path)
     counter = WaitCounter()
     counter.install(monkeypatch)  # first: the lean loop keeps the logger connector's on_batch_end
     assert fast_loop.install(trainer)
@@ -265,3 +267,46 @@ def test_logged_numbers_are_made_on_the_device_as_lightning_makes_them():
             torch.set_default_dtype(previous)
     tensor = torch.tensor([2.0])
     assert torch.equal(ours(module, tensor, "x"), tensor.squeeze())  # tensors: Lightning's clone
+
+
+class LogsALossOnStep(L.Callback):
+    """self.log(..., on_step=True, on_epoch=True, prog_bar=True), as YOLO, the autoencoders and the
+    GANs log their training losses."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.log("seen/loss", outputs["loss"], on_step=True, on_epoch=True, prog_bar=True)
+
+
+def test_values_logged_on_step_reach_the_tracker_as_tensors(tracking_uri, monkeypatch):
+    """At a logging step the values a module logs on_step go to MlflowTracker.log_tensor_metrics as
+    the tensors themselves (copied to the host asynchronously on a GPU), never through Lightning's
+    conversion to numbers (a host sync per value) into log_metrics; and MLflow gets each at its step
+    (tests/test_performance.py compares the values with Lightning's own loop)."""
+    from mlflow import MlflowClient
+
+    from helpers import MLP_DIGITS
+    from litlab.tracking import MlflowTracker
+
+    sent, as_numbers = [], []
+    log_tensor_metrics, log_metrics = MlflowTracker.log_tensor_metrics, MlflowTracker.log_metrics
+
+    def spy_tensors(self, metrics, step):
+        if "seen/loss_step" in metrics:
+            sent.append((step, type(metrics["seen/loss_step"]), metrics["epoch"]))
+        return log_tensor_metrics(self, metrics, step)
+
+    def spy_numbers(self, metrics, step=None):
+        as_numbers.extend(k for k in metrics if k.endswith("_step"))
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(MlflowTracker, "log_tensor_metrics", spy_tensors)
+    monkeypatch.setattr(MlflowTracker, "log_metrics", spy_numbers)
+    result = runner.run(MLP_DIGITS, ["model.hidden=[16]", "data.batch_size=50", "trainer.max_epochs=2",
+                                     "trainer.log_every_n_steps=4", "tracking.system_metrics=false"],
+                        tracking_uri=tracking_uri, callbacks=[LogsALossOnStep()], quiet=True)
+    assert result.status == "FINISHED"
+    assert len(sent) >= 5 and all(kind is torch.Tensor for _, kind, _ in sent), sent
+    assert {epoch for _, _, epoch in sent} == {0, 1}
+    assert not as_numbers, as_numbers
+    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(result.run_id, "seen/loss_step")
+    assert sorted(m.step for m in history) == [step for step, _, _ in sent]

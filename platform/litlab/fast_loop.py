@@ -40,7 +40,8 @@ from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
 from litlab.lean_plan import lean_plan, supported_version
-from litlab.lightning_speedups import defer_progress_bar_reads, log_numbers_without_copies, skip_needless_moves
+from litlab.lightning_speedups import (defer_progress_bar_reads, log_numbers_without_copies, log_step_values_without_reads,
+                                      skip_needless_moves)
 
 FX = "_current_fx_name"  # the hook running now, as LightningModule.log reads it
 
@@ -52,6 +53,7 @@ def install(trainer) -> bool:
     skip_needless_moves()
     log_numbers_without_copies()
     defer_progress_bar_reads(trainer)
+    log_step_values_without_reads(trainer)
     old = trainer.fit_loop.epoch_loop
     trainer.fit_loop.epoch_loop = LeanTrainingEpochLoop(trainer, min_steps=old.min_steps, max_steps=old.max_steps)
     return True

@@ -91,6 +91,36 @@ def defer_progress_bar_reads(trainer) -> None:
     connector.on_batch_end = on_batch_end
 
 
+def log_step_values_without_reads(trainer) -> None:
+    """Every log_every_n_steps training steps Lightning's update_train_step_metrics gathers the
+    values logged with on_step=True (results.metrics(on_step=True), which turns each prog_bar one
+    into a Python number, a host sync each, with or without a logger to send them to) and its
+    log_metrics turns each into a number before the loggers see them (a sync each again). A YOLO or
+    GAN module's `self.log("train/loss", loss, on_step=True, prog_bar=True)` stalled every 10th
+    step. Here: with no logger, nothing (Lightning's log_metrics returns at once); with loggers that
+    all take device tensors (litlab's MlflowTracker.log_tensor_metrics copies them to the host
+    asynchronously), the tensors, at the step and with the epoch Lightning gives them; with any
+    other logger, Lightning's log_metrics of the same values (its conversion: a read per value)."""
+    connector = trainer._logger_connector
+
+    def update_train_step_metrics() -> None:
+        if trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+            return
+        if not (connector.should_update_logs or trainer.fast_dev_run) or not trainer.loggers:
+            return
+        log, _ = _step_metrics_without_progress_bar(trainer._results)
+        if not log:
+            return
+        if "step" in log or not all(hasattr(logger, "log_tensor_metrics") for logger in trainer.loggers):
+            return connector.log_metrics(log)
+        connector._logged_metrics.update(log)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning's log_metrics uses
+        for logger in trainer.loggers:
+            logger.log_tensor_metrics({"epoch": trainer.current_epoch, **log}, step)
+
+    connector.update_train_step_metrics = update_train_step_metrics
+
+
 def _step_metrics_without_progress_bar(results) -> tuple[dict, dict]:
     """_ResultCollection.metrics(on_step=True)'s "log" and "callback" dicts (a training collection),
     without its "pbar" dict, the one that converts tensors to numbers."""
