@@ -17,7 +17,8 @@ def sync(device: torch.device) -> None:
 
 class EpochClock:
     """Sums the time of the training steps of each epoch from `warmup_epochs` on: from the start of
-    its first step to the end of its last one (a device sync at both ends)."""
+    its first step to the end of its last one (a device sync at both ends); keeps each such epoch's
+    rate too (`epoch_rates`: the best epoch is the least disturbed by the host's other work)."""
 
     def __init__(self, warmup_epochs: int, clock: str = "wall", profile_epoch: int | None = None):
         self.warmup_epochs = warmup_epochs
@@ -30,14 +31,16 @@ class EpochClock:
         self.seconds = 0.0
         self.steps = 0
         self.samples = 0
+        self.epoch_rates: list[float] = []  # samples/s of each timed epoch
         self._t0 = None
+        self._epoch_samples = 0
 
     def start(self, epoch: int, device) -> None:
         if epoch == self.profile_epoch:
             self._profiler = StepProfile(device)
         if epoch >= self.warmup_epochs:
             sync(device)
-            self._t0 = self.now()
+            self._t0, self._epoch_samples = self.now(), 0
 
     def step(self, samples: int) -> None:
         if self._profiler is not None:
@@ -45,13 +48,17 @@ class EpochClock:
         if self._t0 is not None:
             self.steps += 1
             self.samples += samples
+            self._epoch_samples += samples
 
     def stop(self, device) -> None:
         if self._profiler is not None:
             self.profile, self._profiler = self._profiler.finish(), None
         if self._t0 is not None:
             sync(device)
-            self.seconds += self.now() - self._t0
+            seconds = self.now() - self._t0
+            self.seconds += seconds
+            if seconds > 0:
+                self.epoch_rates.append(self._epoch_samples / seconds)
             self._t0 = None
 
 

@@ -265,6 +265,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
     tokens = bench.kind == "lm"
     samples_of = (lambda b: b[0].numel()) if tokens else (lambda b: len(b[0]))
     results: dict[str, list] = {"hand": [], "litlab": []}
+    epochs: dict[str, list] = {"hand": [], "litlab": []}  # every timed epoch's rate, all repeats
     mem: dict[str, int] = {}
     profiles: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="litlab-bench-") as tmp:
@@ -288,6 +289,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
                         mem[side] = max(mem.get(side, 0), torch.cuda.max_memory_allocated(device))
                     rate = clock.samples / clock.seconds if clock.seconds else float("nan")
                     results[side].append(rate)
+                    epochs[side].extend(clock.epoch_rates)
                     if clock.profile:
                         profiles[side] = clock.profile
                     print(f"  {bench.name:<9} {variant:<8} repeat {r + 1}: {side:<6} {rate:12,.0f} "
@@ -300,6 +302,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
     row = {"bench": bench.name, "variant": label, "clock": args.clock, "device": device_name(device), "unit": "tokens/s" if tokens else "samples/s",
            "hand": hand, "litlab": lit, "ratio": lit / hand, "repeats": args.repeats,
            "hand_all": results["hand"], "litlab_all": results["litlab"],
+           "hand_epochs": epochs["hand"], "litlab_epochs": epochs["litlab"],
            "peak_mem_mib": {k: v / 2**20 for k, v in mem.items()}}
     if profiles:
         row["profile"] = profiles

@@ -55,6 +55,7 @@ def test_the_profiled_epoch_splits_a_step_into_its_ops_and_the_rest():
     assert profile["steps"] == 5 and "device_busy_ms" not in profile  # no GPU busy time on a CPU
     assert 0 < profile["in_ops_ms"] < 1.0 <= 2.0 <= profile["wall_ms"] - profile["in_ops_ms"], profile
     assert clock.steps == 5 and clock.seconds >= 5 * 0.002  # only the last epoch was timed
+    assert clock.epoch_rates == [pytest.approx(5 / clock.seconds)]  # its rate, in samples/s
 
 
 @pytest.mark.slow
