@@ -33,18 +33,20 @@ def test_classifier_learns_under_cuda_graphs(tracking_uri):
 # the digits MLP, and the ResNet-18 and GPT-2 benchmarks at their smoke sizes (their code paths on a
 # GPU: bf16 autocast, fused optimisers, channels_last, the data held on the device), a packed-RNN
 # seq2seq (lengths kept on the host, the sort order sent over asynchronously) and the YOLO loss
-# (padded target slots, no selection), BERT's fixed prediction slots and GShard's expert buffers:
-# copies a CPU cannot show
+# (padded target slots, no selection), BERT's fixed prediction slots, GShard's expert buffers and the
+# VAE's step losses logged for the progress bar: copies a CPU cannot show
 SEQ2SEQ = REPO / "experiments" / "rnn" / "seq2seq_reverse_attention.yaml"
 YOLO = REPO / "experiments" / "cnn" / "yolo_shapes.yaml"
 BERT_MLM = REPO / "experiments" / "transformer" / "bert_mlm_pydoc.yaml"
 GPT_MOE = REPO / "experiments" / "transformer" / "gpt_moe_pydoc.yaml"
+VAE = REPO / "experiments" / "autoencoder" / "vae_digits.yaml"  # self.log(on_step=True, prog_bar=True)
 
 
 @pytest.mark.parametrize("source, overrides", [
     pytest.param(str(MLP_DIGITS), [], id="mlp_digits"), *smoke_benchmark_runs(("resnet18", "gpt2")),
     pytest.param(str(SEQ2SEQ), ["data.n_train=640", "data.n_val=64", "data.n_test=64"], id="seq2seq"),
     pytest.param(str(YOLO), ["data.n_train=320", "data.n_val=32", "data.n_test=32"], id="yolo"),
+    pytest.param(str(VAE), [], id="vae_digits"),
     pytest.param(str(BERT_MLM), ["data.n_train=256", "model.d_model=32", "model.n_layers=1", "model.d_ff=64"],
                  id="bert_mlm"),
     pytest.param(str(GPT_MOE), ["data.max_chars=20000", "data.seq_len=32", "model.block_size=32", "model.n_layer=2",
