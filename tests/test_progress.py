@@ -130,3 +130,13 @@ def test_runner_draws_the_bar_on_a_terminal(tracking_uri, monkeypatch, restore_r
     runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"], tracking_uri=tracking_uri,
                callbacks=[Spy()])
     assert isinstance(seen["bar"], progress.LitlabProgressBar)
+
+
+def test_one_duration_format_for_every_line():
+    """The progress ETA, the sweep's tables and `litlab runs` write durations one way."""
+    from litlab.durations import fmt_duration
+
+    cases = {None: "-", float("nan"): "-", float("inf"): "-", -3.0: "0.0s", 0.04: "0.0s", 4.25: "4.2s",
+             59.94: "59.9s", 59.96: "1m00s", 65.4: "1m05s", 3599.4: "59m59s", 3600: "1h00m00s",
+             7387.0: "2h03m07s", 100 * 3600 + 61: "100h01m01s"}
+    assert {s: fmt_duration(s) for s in cases} == cases

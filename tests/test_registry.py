@@ -37,6 +37,24 @@ def test_registry_is_populated_with_metadata():
     assert {"digits", "hf_images", "function1d", "blobs"} <= set(registry.DATA)
 
 
+def test_the_source_index_knows_every_registered_name_and_its_arguments():
+    """`litlab run` checks model/data names and argument names from the source before importing
+    Lightning (model_index.check_names_and_arguments): the same names and the same arguments, in
+    order, as config.resolve_args reads from each class (None only where __init__ is inherited)."""
+    from litlab.config import signature_schema
+    from litlab.model_index import registered_arguments
+
+    index = registered_arguments()
+    assert index is not None, "a registering file cannot be read from the source"
+    for kind, table in (("model", registry.MODELS), ("data", registry.DATA)):
+        table = {n: e for n, e in table.items() if not registry.IMPORT_PATH.match(n)}  # --allow-import's
+        assert set(index[kind]) == set(table), kind
+        for name, entry in table.items():
+            own_init = "__init__" in vars(entry.cls)
+            expected = list(signature_schema(entry.cls)) if own_init else None
+            assert index[kind][name] == expected, (kind, name)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_forward_backward_no_nan(name):
     entry, dm, model = _build(name)

@@ -218,11 +218,14 @@ def _quiet_libraries() -> None:
 
 def cmd_run(args) -> int:
     _quiet_libraries()
-    from litlab import config
+    from litlab import config, model_index
 
-    # The file, the overrides and litlab's own sections, before the ~10 s import of Lightning: a
-    # typo there is one line at once (the model's and data's arguments are checked after it).
-    config.precheck(config.load_raw(args.experiment, args.overrides))
+    # The file, the overrides, litlab's own sections and the model's and data's names and argument
+    # names, before the ~10 s import of Lightning: a typo there is one line at once (the arguments'
+    # values are checked after it).
+    raw = config.load_raw(args.experiment, args.overrides)
+    config.precheck(raw)
+    model_index.check_names_and_arguments(raw)
     from litlab import runner
 
     if args.dry_run:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import inspect
 import json
@@ -26,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from litlab.errors import ConfigError, UserError
+from litlab.errors import ConfigError, UserError, did_you_mean, unknown_argument
 from litlab.schema import Range, check, type_name
 
 PositiveInt = Annotated[int, Range(ge=1)]
@@ -232,7 +231,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if parts[0] not in TOP_LEVEL:
-        raise ConfigError(key, f"unknown section {parts[0]!r}{_did_you_mean(parts[0], TOP_LEVEL)}; "
+        raise ConfigError(key, f"unknown section {parts[0]!r}{did_you_mean(parts[0], TOP_LEVEL)}; "
                           f"allowed: {', '.join(TOP_LEVEL)}")
     node = cfg
     for i, p in enumerate(parts[:-1]):
@@ -265,11 +264,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- validation
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _build_dataclass(cls: type, raw: Any, key: str):
     if raw is None:
         raw = {}
@@ -279,7 +273,7 @@ def _build_dataclass(cls: type, raw: Any, key: str):
     hints = typing.get_type_hints(cls, include_extras=True)
     for k in raw:
         if k not in fields:
-            raise ConfigError(f"{key}.{k}", f"unknown key{_did_you_mean(str(k), fields)}; allowed: {', '.join(fields)}")
+            raise ConfigError(f"{key}.{k}", f"unknown key{did_you_mean(str(k), fields)}; allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -310,9 +304,7 @@ def resolve_args(section: str, cls: type, raw: dict[str, Any], provided: dict[st
     schema = signature_schema(cls)
     for k in raw:
         if k not in schema:
-            allowed = ", ".join(schema) or "(none)"
-            raise ConfigError(f"{section}.{k}", f"unknown argument for {section}.name={cls.registry_name!r}"
-                              f"{_did_you_mean(str(k), schema)}; allowed: {allowed}")
+            raise unknown_argument(section, cls.registry_name, k, list(schema))
     out = {}
     for name, (tp, default) in schema.items():
         if name in raw:
@@ -352,7 +344,7 @@ def precheck(raw: Any) -> dict[str, Any]:
         raise UserError(f"expected a mapping of sections, got {type(raw).__name__}")
     for k in raw:
         if k not in TOP_LEVEL:
-            raise ConfigError(str(k), f"unknown section{_did_you_mean(str(k), TOP_LEVEL)}; allowed: {', '.join(TOP_LEVEL)}")
+            raise ConfigError(str(k), f"unknown section{did_you_mean(str(k), TOP_LEVEL)}; allowed: {', '.join(TOP_LEVEL)}")
     name = check(raw.get("name", "experiment"), str, "name")
     if not re.fullmatch(r"[\w.\-]+", name):
         raise ConfigError("name", f"{name!r}: use letters, digits, '_', '-' and '.' only")

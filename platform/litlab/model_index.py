@@ -89,6 +89,32 @@ class _SourceModule:
         return out
 
 
+    def init_arguments(self, register: str) -> dict[str, list[str] | None] | None:
+        """{registered name: the arguments of the class's own __init__ (what config.resolve_args
+        checks a section against), or None where the class inherits its __init__} for the classes
+        this file decorates with `register` (register_model or register_data); None if a name
+        cannot be read or the function is called elsewhere than on a top-level class."""
+        out: dict[str, list[str] | None] = {}
+        decorated = [(node, d) for node in self.tree.body if isinstance(node, ast.ClassDef)
+                     for d in node.decorator_list
+                     if isinstance(d, ast.Call) and _called_name(d.func) == register]
+        if len(decorated) < self.text.count(f"{register}("):
+            return None
+        for cls, call in decorated:
+            try:
+                name = self.evaluate(call.args[0]) if call.args else None
+            except _Unresolved:
+                return None
+            if name is None:
+                return None
+            init = next((f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+            if init is None:
+                out[name] = None
+                continue
+            a = init.args
+            out[name] = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)][1:]  # without self
+        return out
+
     def _register_calls(self) -> list[ast.Call]:
         """The register_model(...) calls: the decorators of top-level classes (walking every node
         of the tree costs 3x the parse; done only if the text has calls elsewhere)."""
@@ -168,3 +194,48 @@ def _imported_entries(module: str) -> list[ModelInfo]:
     importlib.import_module(module)
     return [ModelInfo(e.name, e.chapter, e.description, module) for e in registry.MODELS.values()
             if e.cls.__module__ == module]
+
+
+def registered_arguments() -> dict[str, dict[str, list[str] | None]] | None:
+    """{"model": ..., "data": ...}: init_arguments of every file of the package (chapters and
+    data), every registered model (register_model) and data module (register_data) without
+    importing one; None if one file cannot be read that way (then only the registry knows)."""
+    index = _SourceIndex(PACKAGE_ROOT)
+    found: dict[str, dict[str, list[str] | None]] = {"model": {}, "data": {}}
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        if path.name in ("registry.py", "model_index.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for kind in found:
+            if f"register_{kind}(" in text:
+                source = index.module(module_name(path))
+                entries = source.init_arguments(f"register_{kind}") if source is not None else None
+                if entries is None:
+                    return None
+                found[kind].update(entries)
+    return found
+
+
+def check_names_and_arguments(raw: dict) -> None:
+    """data.name, model.name and the names of their arguments checked against the source (after
+    config.precheck, before the ~10 s import of Lightning that the registry needs), in the order
+    config.validate checks them and with its messages. A name given as an import path
+    (package.module:Class), or a class inheriting its __init__, is left to validate; so are the
+    arguments' values and types."""
+    from litlab.errors import unknown_argument, unknown_name
+    from litlab.registry import IMPORT_PATH
+
+    known = registered_arguments()
+    if known is None:
+        return
+    for section in ("data", "model"):
+        body = raw[section]
+        name = body["name"]
+        if isinstance(name, str) and IMPORT_PATH.match(name):
+            continue
+        if not isinstance(name, str) or name not in known[section]:
+            raise unknown_name(section, name, known[section])
+        arguments = known[section][name]
+        for key in body:
+            if key != "name" and arguments is not None and key not in arguments:
+                raise unknown_argument(section, name, key, arguments)

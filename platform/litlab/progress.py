@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from datetime import timedelta
 
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from rich.progress import ProgressColumn
 from rich.text import Text
+
+from litlab.durations import fmt_duration
 
 
 def batch_size(batch) -> int | None:
@@ -36,12 +37,6 @@ def batch_size(batch) -> int | None:
     if isinstance(batch, dict) and batch:
         return batch_size(next(iter(batch.values())))
     return None
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None or not math.isfinite(s):
-        return "-:--:--"
-    return f"{max(s, 0):.1f}s" if s < 60 else str(timedelta(seconds=int(s)))
 
 
 class FitClock:
@@ -103,7 +98,7 @@ class ThroughputColumn(ProgressColumn):
         parts = [f"{steps:.1f} steps/s" if steps else "- steps/s"]
         if samples:
             parts.append(f"{samples:,.0f} samples/s")
-        parts.append(f"fit ETA {fmt_seconds(bar.clock.eta(trainer))}")
+        parts.append(f"fit ETA {fmt_duration(bar.clock.eta(trainer))}")
         return Text("  ".join(parts), style="cyan")
 
 
@@ -190,7 +185,7 @@ class EpochLines(Callback):
             parts.append(f"{samples:,.0f} samples/s")
         eta = self.clock.eta(trainer)
         if eta is not None and eta > 0:
-            parts.append(f"ETA {fmt_seconds(eta)}")
+            parts.append(f"ETA {fmt_duration(eta)}")
         return "  ".join(parts)
 
 

@@ -11,14 +11,13 @@ module, which is what fills the registries.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from litlab.errors import ConfigError
+from litlab.errors import ConfigError, unknown_name
 
 # Modules whose import registers things; chapters are added here as they are written.
 _REGISTERING_MODULES = (
@@ -67,7 +66,7 @@ def load_all() -> None:
 
 
 ALLOW_IMPORT_ENV = "LITLAB_ALLOW_IMPORT"  # set by `litlab run/resume/sweep --allow-import`
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def _import_entry(table: dict[str, Entry], key: str, path: str) -> Entry:
@@ -90,13 +89,10 @@ def _import_entry(table: dict[str, Entry], key: str, path: str) -> Entry:
 
 def _lookup(table: dict[str, Entry], key: str, name: Any) -> Entry:
     load_all()
-    if isinstance(name, str) and name not in table and _IMPORT_PATH.match(name):
+    if isinstance(name, str) and name not in table and IMPORT_PATH.match(name):
         return _import_entry(table, key, name)
     if not isinstance(name, str) or name not in table:
-        allowed = sorted(table)
-        close = difflib.get_close_matches(str(name), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(key, f"unknown name {name!r}{hint}; choose one of: {', '.join(allowed)}")
+        raise unknown_name(key.split(".")[0], name, table)
     return table[name]
 
 

@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from litlab.durations import fmt_duration
 from litlab.errors import UserError
 
 STATUSES = ("FINISHED", "FAILED", "RUNNING", "KILLED", "SCHEDULED")
@@ -41,13 +42,6 @@ def parse_where(text: str) -> Condition:
         raise UserError(f"--where {text!r}: expected METRIC OP NUMBER with OP one of > >= < <= ==, "
                         "e.g. --where 'test/acc>0.9'")
     return Condition(m["metric"], m["op"], float(m["value"]))
-
-
-def _fmt_duration(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    s = int(ms / 1000)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def key_metrics(run, also: list[str] | tuple = ()) -> dict[str, float]:
@@ -159,7 +153,7 @@ def print_runs(tracking_uri: str | None, experiment: str | None, limit: int, *, 
         info = r.info
         start = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.start_time / 1000)) if info.start_time else "-"
         end = info.end_time or (int(time.time() * 1000) if info.status == "RUNNING" else None)
-        duration = _fmt_duration(end - info.start_time if end and info.start_time else None)
+        duration = fmt_duration((end - info.start_time) / 1000 if end and info.start_time else None)
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in key_metrics(r, also).items())
         table.add_row(info.run_id, info.run_name or "-", r.data.tags.get("litlab.model", "-"),
                       f"[{colour.get(info.status, 'white')}]{info.status}[/]", start, duration, metrics)

@@ -10,7 +10,6 @@ command resumes the study: it continues to n_trials in total, retrying trials wh
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import math
 import multiprocessing
@@ -25,6 +24,7 @@ import optuna
 
 from litlab import tracking_store as tracking
 from litlab.config import flatten
+from litlab.durations import fmt_duration
 from litlab.errors import UserError
 from litlab.sweep import report
 from litlab.sweep import storage as st
@@ -271,7 +271,7 @@ def _after_trial(study: optuna.Study, number: int, parent: str, uri: str, spec: 
         durations = [x.duration.total_seconds() for x in trials if x.duration is not None and x.state in (
             optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         eta = sweep_eta(durations, spec.n_trials - finished, workers) if finished < spec.n_trials else None
-        eta_text = f"  ETA {report.fmt_duration(datetime.timedelta(seconds=eta))}" if eta is not None else ""
+        eta_text = f"  ETA {fmt_duration(eta)}" if eta is not None else ""
         say(f"[{finished}/{spec.n_trials}] trial {number:>3} {t.state.name:<8} {value} {secs}{best_text}{eta_text}")
 
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import re
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from litlab.durations import fmt_duration
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,6 @@ def fmt_value(v: Any) -> str:
     return str(v)
 
 
-def fmt_duration(d: dt.timedelta | None) -> str:
-    if d is None:
-        return "-"
-    s = d.total_seconds()
-    if s < 60:
-        return f"{s:.1f}s"
-    m, s = divmod(round(s), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m{s:02d}s"
-
-
 def counts_line(counts: dict[str, int]) -> str:
     n = sum(counts.values())
     return f"{n} trial{'' if n == 1 else 's'}: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATES)
@@ -110,7 +101,7 @@ def best_trials_table(study, metrics: list[str], top: int = 5) -> Table:
     for p in params:
         table.add_column(p, justify="right")
     for t in trials:
-        table.add_row(str(t.number), *(fmt_value(v) for v in t.values), t.state.name, fmt_duration(t.duration),
+        table.add_row(str(t.number), *(fmt_value(v) for v in t.values), t.state.name, fmt_duration(t.duration.total_seconds() if t.duration else None),
                       *(fmt_value(t.params[p]) if p in t.params else "" for p in params))
     return table
 

@@ -22,8 +22,8 @@ from typing import Annotated, Any
 
 import optuna
 
-from litlab.config import _did_you_mean, _yaml_load, flatten, parse_override
-from litlab.errors import ConfigError, UserError
+from litlab.config import _yaml_load, flatten, parse_override
+from litlab.errors import ConfigError, UserError, did_you_mean
 from litlab.schema import Range, check
 from litlab.sweep.values import canon, format_value, tidy, to_overrides
 
@@ -122,7 +122,7 @@ def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for key, value in map(parse_override, overrides):
         top, _, rest = key.partition(".")
         if top not in KEYS:
-            raise ConfigError(key, f"unknown sweep key{_did_you_mean(top, KEYS)}; allowed: {', '.join(KEYS)}")
+            raise ConfigError(key, f"unknown sweep key{did_you_mean(top, KEYS)}; allowed: {', '.join(KEYS)}")
         if top == "overrides" and rest:  # overrides.trainer.max_epochs=5: add or replace one fixed override
             raw[top] = [o for o in _override_list(raw.get(top) or []) if parse_override(o)[0] != rest] + to_overrides({rest: value})
             continue
@@ -158,7 +158,7 @@ def _override_list(raw: Any) -> list[str]:
 def _parse(raw: dict, path: Path) -> SweepSpec:
     for k in raw:
         if k not in KEYS:
-            raise ConfigError(str(k), f"unknown sweep key{_did_you_mean(str(k), KEYS)}; allowed: {', '.join(KEYS)}")
+            raise ConfigError(str(k), f"unknown sweep key{did_you_mean(str(k), KEYS)}; allowed: {', '.join(KEYS)}")
     for k in ("experiment", "metric", "direction", "space"):
         if raw.get(k) is None:
             raise ConfigError(k, "is required")
@@ -216,7 +216,7 @@ def _component(raw: Any, key: str, table: dict[str, str], module) -> dict:
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
         raise ConfigError(key, f"expected {{name: ..., ...arguments}} or a name, got {raw!r}")
     if (name := body["name"]) not in table:
-        raise ConfigError(f"{key}.name", f"{name!r}{_did_you_mean(name, table)}: choose one of {', '.join(table)}")
+        raise ConfigError(f"{key}.name", f"{name!r}{did_you_mean(name, table)}: choose one of {', '.join(table)}")
     for pkg in NEEDS.get(name, ()):
         if importlib.util.find_spec(pkg) is None:
             raise ConfigError(f"{key}.name", f"{name} needs the {pkg!r} package, which is not installed")
@@ -227,7 +227,7 @@ def _component(raw: Any, key: str, table: dict[str, str], module) -> dict:
             and not re.search(r"Callable|Sampler|Mutation|Crossover|Trial", str(p.annotation))}
     for k in body:
         if k != "name" and k not in args:
-            raise ConfigError(f"{key}.{k}", f"unknown argument for {key} {name!r}{_did_you_mean(str(k), args)}; "
+            raise ConfigError(f"{key}.{k}", f"unknown argument for {key} {name!r}{did_you_mean(str(k), args)}; "
                                             f"allowed: {', '.join(args) or '(none)'}")
     for k in (k for k, p in args.items() if p.default is inspect.Parameter.empty and k not in body):
         raise ConfigError(f"{key}.{k}", f"is required for {key} {name!r}")
@@ -244,7 +244,7 @@ def _param(key: str, body: Any, earlier: dict[str, ParamSpec], all_keys: list[st
     kind, allowed = body["type"], ("type", *PARAM_KEYS[body["type"]], "when")
     for k in body:
         if k not in allowed:
-            raise ConfigError(f"{at}.{k}", f"unknown key for type {kind}{_did_you_mean(str(k), allowed)}; "
+            raise ConfigError(f"{at}.{k}", f"unknown key for type {kind}{did_you_mean(str(k), allowed)}; "
                                            f"allowed: {', '.join(allowed)}")
     when = body.get("when") or {}
     if not isinstance(when, dict):
@@ -253,7 +253,7 @@ def _param(key: str, body: Any, earlier: dict[str, ParamSpec], all_keys: list[st
     for parent, values in when.items():
         if parent not in earlier:
             hint = "it must come before this param in the space" if parent in all_keys else \
-                f"not a param of the space{_did_you_mean(parent, [k for k in all_keys if k != key])}"
+                f"not a param of the space{did_you_mean(parent, [k for k in all_keys if k != key])}"
             raise ConfigError(f"{at}.when.{parent}", f"{hint}; params before it: {', '.join(earlier) or '(none)'}")
         if earlier[parent].type != "categorical":
             raise ConfigError(f"{at}.when.{parent}", f"can only test a categorical param, not {earlier[parent].type}")
