@@ -59,7 +59,7 @@ run 110 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 8 --profile --bench "res
 resnet=$?
 run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
 gpt2=$?
-run 115 gpu_compile --repeats 1 --bench gpt2:compile
+run 150 gpu_compile --repeats 1 --bench gpt2:compile
 compiled=$?
 cat "$OUT/gpu_resnet.md" "$OUT/gpu_gpt2.md" "$OUT/gpu_compile.md" > "$OUT/gpu.md" 2>/dev/null
 rm -f "$OUT/gpu_resnet.md" "$OUT/gpu_gpt2.md" "$OUT/gpu_compile.md"  # in gpu.md (a device call returns 8 files)

@@ -4,14 +4,14 @@
 #      image lacks HF datasets;
 #   2. every GPU benchmark (gpu_all.sh, ~3.5 min) -> OUT/gpu.md and OUT/gpu_{resnet,gpt2,compile}.json;
 #   3. the GPU tests (pytest -m gpu: CUDA graphs and host syncs first, then every digits model under
-#      bf16-mixed, then 16-mixed) for TEST_S seconds (default 250) -> OUT/gpu_tests.log, one line per
+#      bf16-mixed, then 16-mixed) for TEST_S seconds (default 215) -> OUT/gpu_tests.log, one line per
 #      test and the traceback of each failure; pytest's own output in OUT/gpu_pytest.log.
 # With the device tool: run(command="bash benchmarks/gpu_session.sh $OUT", carry=[".whl"], timeout_s=600).
 # On a CPU, the same code paths at tiny sizes: SMOKE=1 bash benchmarks/gpu_session.sh /tmp/smoke
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/litlab-gpu}}
-TEST_S=${TEST_S:-250}
+TEST_S=${TEST_S:-215}
 mkdir -p "$OUT"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

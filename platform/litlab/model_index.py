@@ -88,7 +88,6 @@ class _SourceModule:
                 return None
         return out
 
-
     def init_arguments(self, register: str) -> dict[str, list[str] | None] | None:
         """{registered name: the arguments of the class's own __init__ (what config.resolve_args
         checks a section against), or None where the class inherits its __init__} for the classes
