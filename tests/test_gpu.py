@@ -40,6 +40,7 @@ YOLO = REPO / "experiments" / "cnn" / "yolo_shapes.yaml"
 BERT_MLM = REPO / "experiments" / "transformer" / "bert_mlm_pydoc.yaml"
 GPT_MOE = REPO / "experiments" / "transformer" / "gpt_moe_pydoc.yaml"
 VAE = REPO / "experiments" / "autoencoder" / "vae_digits.yaml"  # self.log(on_step=True, prog_bar=True)
+SAGE = REPO / "experiments" / "gnn" / "sage_sbm.yaml"  # with the LSTM aggregator: its (T, D) grid
 
 
 @pytest.mark.parametrize("source, overrides", [
@@ -47,6 +48,7 @@ VAE = REPO / "experiments" / "autoencoder" / "vae_digits.yaml"  # self.log(on_st
     pytest.param(str(SEQ2SEQ), ["data.n_train=640", "data.n_val=64", "data.n_test=64"], id="seq2seq"),
     pytest.param(str(YOLO), ["data.n_train=320", "data.n_val=32", "data.n_test=32"], id="yolo"),
     pytest.param(str(VAE), [], id="vae_digits"),
+    pytest.param(str(SAGE), ["model.aggregator=lstm"], id="sage_lstm"),
     pytest.param(str(BERT_MLM), ["data.n_train=256", "model.d_model=32", "model.n_layers=1", "model.d_ff=64"],
                  id="bert_mlm"),
     pytest.param(str(GPT_MOE), ["data.max_chars=20000", "data.seq_len=32", "model.block_size=32", "model.n_layer=2",

@@ -34,7 +34,6 @@ WAITING_OPS = {A._local_scalar_dense.default, A.nonzero.default, A.masked_select
 MASK_INDEXED_OPS = {A.index.Tensor, A.index_put.default, A.index_put_.default, A._index_put_impl_.default}
 
 WAITS_BY_DESIGN = {
-    "graphsage": "the LSTM aggregator packs neighbourhoods by their lengths, read on the host",
     "perceptron": "Rosenblatt's rule updates on each mistake, one example at a time",
 }
 

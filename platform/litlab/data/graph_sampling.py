@@ -23,6 +23,16 @@ import torch
 from torch import Tensor
 
 
+def neighbourhood_shape(edge_index: Tensor) -> tuple[int, int]:
+    """(T, D): every edge's target is one of the nodes 0..T-1, and none has more than D in-edges.
+    Read on the host where the graph or batch is made (a data module, this sampler), it lets the LSTM
+    aggregator lay out the neighbourhoods without reading the edges during the step."""
+    dst = edge_index[1].cpu()
+    if dst.numel() == 0:
+        return 0, 0
+    return int(dst.max()) + 1, int(torch.bincount(dst).max())
+
+
 class NeighborSampler:
     """`sampler(seed_ids)` -> the sampled subgraph around `seed_ids`; usable as a DataLoader
     collate_fn over a dataset of node ids: DataLoader(train_ids, batch_size, shuffle=True, collate_fn=sampler)."""
@@ -75,4 +85,4 @@ class NeighborSampler:
         edge_index = torch.stack([local[torch.cat(sources)], local[torch.cat(targets)]])
         train_mask = torch.arange(n_id.numel()) < seeds.numel()
         return Data(x=g.x[n_id], y=g.y[n_id], edge_index=edge_index, n_id=n_id, batch_size=seeds.numel(),
-                    train_mask=train_mask, num_nodes=n_id.numel())
+                    train_mask=train_mask, num_nodes=n_id.numel(), neighbourhoods=neighbourhood_shape(edge_index))

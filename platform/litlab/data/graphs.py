@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from litlab.data.base import LitlabDataModule
-from litlab.data.graph_sampling import NeighborSampler
+from litlab.data.graph_sampling import NeighborSampler, neighbourhood_shape
 from litlab.errors import ConfigError, UserError
 from litlab.registry import register_data
 from litlab.schema import Range
@@ -87,6 +87,8 @@ class NodeGraphDataModule(LitlabDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.graph is None:
             self.graph = self.build_graph()
+            # read once here, so that GraphSAGE's LSTM aggregator reads nothing during a step
+            self.graph.neighbourhoods = neighbourhood_shape(self.graph.edge_index)
 
     def _graph_loader(self, repeat: int = 1) -> DataLoader:
         if self.graph is None:

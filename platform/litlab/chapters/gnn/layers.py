@@ -136,8 +136,9 @@ class SAGELayer(nn.Module):
             raise ValueError(f"unknown aggregator {aggregator!r}")
         self.linear = nn.Linear(2 * in_features, out_features, bias=bias)
 
-    def aggregate(self, h: Tensor, edge_index: Tensor) -> Tensor:
-        """h_N(i) for every node: (N, F_in)."""
+    def aggregate(self, h: Tensor, edge_index: Tensor, neighbourhoods: tuple[int, int] | None = None) -> Tensor:
+        """h_N(i) for every node: (N, F_in). `neighbourhoods` = data.graph_sampling.neighbourhood_shape(edge_index), for
+        the LSTM: without it the neighbourhoods' sizes are read from the device (a host sync)."""
         src, dst = edge_index
         n = h.size(0)
         if self.aggregator == "mean":
@@ -146,7 +147,29 @@ class SAGELayer(nn.Module):
             return scatter_max(h[src], dst, n)
         if self.aggregator == "pool":
             return scatter_max(torch.relu(self.pool(h))[src], dst, n)
+        if neighbourhoods is not None and (not h.is_cpu or neighbourhoods[0] * neighbourhoods[1] <= 4 * src.numel()):
+            # on a GPU always (reading the sizes is a sync); on a CPU, where reading is free, unless
+            # the (T, D) grid is mostly padding (a full graph with a few high-degree hubs)
+            return self._lstm_aggregate_padded(h, src, dst, *neighbourhoods)
         return self._lstm_aggregate(h, src, dst)
+
+    def _lstm_aggregate_padded(self, h: Tensor, src: Tensor, dst: Tensor, t: int, d: int) -> Tensor:
+        """The LSTM over every neighbourhood of nodes 0..T-1 laid out in (T, D, F), zero-padded at
+        the end, and each node's output taken at its last real neighbour (position deg - 1): the
+        state that packing gives, from shapes known on the host (no sync)."""
+        n, f = h.shape
+        if t == 0 or d == 0:
+            return h.new_zeros(n, f)
+        order = torch.argsort(dst * n + src)  # by target, then neighbour index: the fixed reading order
+        src, dst = src[order], dst[order]
+        deg = torch.zeros(t, dtype=torch.long, device=h.device).index_add_(0, dst, torch.ones_like(dst))  # (T,)
+        pos = torch.arange(dst.numel(), device=h.device) - (torch.cumsum(deg, 0) - deg)[dst]
+        seq = h.new_zeros(t, d, f)
+        seq[dst, pos] = h[src]
+        states, _ = self.lstm(seq)  # (T, D, F): the state after each position
+        last = states[torch.arange(t, device=h.device), (deg - 1).clamp_min(0)]  # (T, F)
+        out = torch.where((deg > 0).unsqueeze(1), last, torch.zeros_like(last)).to(h.dtype)
+        return F.pad(out, (0, 0, 0, n - t))  # nodes T.. have no neighbours: h_N = 0
 
     def _lstm_aggregate(self, h: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         n, f = h.shape
@@ -169,8 +192,8 @@ class SAGELayer(nn.Module):
         out[nodes] = h_last[0]
         return out
 
-    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
-        out = self.linear(torch.cat([h, self.aggregate(h, edge_index)], dim=-1))  # W [h_i || h_N(i)]
+    def forward(self, h: Tensor, edge_index: Tensor, neighbourhoods: tuple[int, int] | None = None) -> Tensor:
+        out = self.linear(torch.cat([h, self.aggregate(h, edge_index, neighbourhoods)], dim=-1))  # W [h_i || h_N(i)]
         return F.normalize(out, p=2.0, dim=-1) if self.normalize else out
 
 

@@ -55,14 +55,14 @@ class NodeClassifierModule(StageSteps):
             for stage in ("train", "val", "test")})
         self._test_outputs: list = []
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-        return self.net(x, edge_index)  # (N, F), (2, E) -> logits (N, C)
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, neighbourhoods: tuple[int, int] | None = None):
+        return self.net(x, edge_index, neighbourhoods=neighbourhoods)  # (N, F), (2, E) -> logits (N, C)
 
     def smoke_forward(self, batch) -> torch.Tensor:
-        return self(batch.x, batch.edge_index)
+        return self(batch.x, batch.edge_index, _neighbourhoods(batch))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        logits, outputs = self.net(batch.x, batch.edge_index, return_hidden=True)
+        logits, outputs = self.net(batch.x, batch.edge_index, return_hidden=True, neighbourhoods=_neighbourhoods(batch))
         mask = batch[f"{stage}_mask"]
         weight = mask.to(logits.dtype)
         loss = (F.cross_entropy(logits, batch.y, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
@@ -93,7 +93,12 @@ class NodeClassifierModule(StageSteps):
         self._test_outputs = []
 
     def predict_step(self, batch, batch_idx):
-        return self(batch.x, batch.edge_index).argmax(-1)
+        return self(batch.x, batch.edge_index, _neighbourhoods(batch)).argmax(-1)
+
+
+def _neighbourhoods(batch) -> tuple[int, int] | None:
+    """The batch's graph_sampling.neighbourhood_shape, where the data module or sampler put it."""
+    return batch.neighbourhoods if "neighbourhoods" in batch else None
 
 
 @register_model(

@@ -65,13 +65,19 @@ class MessagePassingStack(nn.Module):
         super().__init__()
         self.layers, self.activation, self.dropout, self.activate_last = layers, ACTIVATIONS[activation], dropout, activate_last
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> list[Tensor]:
-        """x (N, F) -> the output of every layer [(N, F_1), ..., (N, F_L)]."""
+    def forward(self, x: Tensor, edge_index: Tensor, neighbourhoods: tuple[int, int] | None = None) -> list[Tensor]:
+        """x (N, F) -> the output of every layer [(N, F_1), ..., (N, F_L)]; `neighbourhoods`
+        (data.graph_sampling.neighbourhood_shape) goes to the GraphSAGE layers."""
         norm = gcn_norm(edge_index, x.size(0)) if isinstance(self.layers[0], GCNLayer) else None
         h, outputs = x, []
         for k, layer in enumerate(self.layers):
             h = F.dropout(h, self.dropout, self.training)
-            h = layer(h, edge_index, norm=norm) if norm is not None else layer(h, edge_index)
+            if norm is not None:
+                h = layer(h, edge_index, norm=norm)
+            elif isinstance(layer, SAGELayer):
+                h = layer(h, edge_index, neighbourhoods)
+            else:
+                h = layer(h, edge_index)
             if k < len(self.layers) - 1 or self.activate_last:
                 h = self.activation(h)
             outputs.append(h)
@@ -89,9 +95,10 @@ class NodeClassifierNet(nn.Module):
         self.stack = MessagePassingStack(build_layers(conv, dims, **layer_options), activation, dropout,
                                          activate_last=False)
 
-    def forward(self, x: Tensor, edge_index: Tensor, return_hidden: bool = False):
+    def forward(self, x: Tensor, edge_index: Tensor, return_hidden: bool = False,
+                neighbourhoods: tuple[int, int] | None = None):
         """With return_hidden, also every layer's output [(N, F_k)] (the last one = the logits)."""
-        outputs = self.stack(x, edge_index)
+        outputs = self.stack(x, edge_index, neighbourhoods)
         return (outputs[-1], outputs) if return_hidden else outputs[-1]
 
 
