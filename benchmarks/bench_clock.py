@@ -89,6 +89,8 @@ class StepProfile:
                "in_ops_ms": sum(e.self_cpu_time_total for e in events) / 1e3 / n}  # us -> ms
         if self.device.type == "cuda":
             out["device_busy_ms"] = sum(e.self_device_time_total for e in events) / 1e3 / n
+        # calls per step of each op (and the host's time in it): what one side does that the other does not
+        out["ops"] = {e.key: [round(e.count / n, 3), round(e.self_cpu_time_total / 1e3 / n, 4)] for e in events}
         return out
 
 

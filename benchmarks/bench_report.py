@@ -84,8 +84,8 @@ except FirstStepReached:
 # ------------------------------------------------------------------------------------ report
 def markdown(rows: list[dict], startup: dict | None) -> str:
     lines = ["| benchmark | variant | device | hand loop | litlab | litlab / hand | of the medians | of the best epochs "
-             "| peak mem hand / litlab (MiB) | MFU hand / litlab |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| paired epochs, median (pairs) | peak mem hand / litlab (MiB) | MFU hand / litlab |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         mem = r["peak_mem_mib"]
         mem_s = f"{mem['hand']:.0f} / {mem['litlab']:.0f}" if mem else "-"
@@ -96,8 +96,11 @@ def markdown(rows: list[dict], startup: dict | None) -> str:
         # and the best single epoch's (one window of each side's least-disturbed steps)
         epochs = r.get("hand_epochs") and r.get("litlab_epochs")
         best_epoch = f"{max(r['litlab_epochs']) / max(r['hand_epochs']):.3f}" if epochs else "-"
+        # and epoch beside epoch (--paired): the median of litlab / hand over adjacent pairs of epochs
+        pairs = r.get("paired_ratios")
+        paired = f"{statistics.median(pairs):.3f} ({len(pairs)})" if pairs else "-"
         lines.append(f"| {r['bench']} | {r['variant']} | {r['device']} | {r['hand']:,.0f} {r['unit']} | "
-                     f"{r['litlab']:,.0f} {r['unit']} | {r['ratio']:.3f} | {median:.3f} | {best_epoch} | {mem_s} | {mfu_s} |")
+                     f"{r['litlab']:,.0f} {r['unit']} | {r['ratio']:.3f} | {median:.3f} | {best_epoch} | {paired} | {mem_s} | {mfu_s} |")
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
         lines.append("")
@@ -106,6 +109,9 @@ def markdown(rows: list[dict], startup: dict | None) -> str:
             sides = [f"{side} " + " / ".join(f"{p[k]:.3f}" for k in ("wall_ms", "in_ops_ms", "device_busy_ms") if k in p)
                      for side, p in sorted(r["profile"].items())]
             lines.append(f"- {r['bench']} {r['variant']}: " + "; ".join(sides))
+            differ = ops_that_differ(r["profile"])
+            if differ:
+                lines.append("  calls per step, litlab - hand: " + ", ".join(differ))
     peaks = {r["peak"] for r in rows if "peak" in r}
     if peaks:
         lines.append("")
@@ -124,6 +130,17 @@ def markdown(rows: list[dict], startup: dict | None) -> str:
                      f"{startup['litlab_models_s']:.2f} s, `litlab run` to the first training step "
                      f"{startup['run_to_first_step_s']:.2f} s")
     return "\n".join(lines) + "\n"
+
+
+def ops_that_differ(profile: dict, most: int = 10) -> list[str]:
+    """The ops whose calls per step differ between the profiled epochs of the two sides, the
+    largest differences first: "aten::copy_ +2.0"."""
+    if "ops" not in profile.get("hand", {}) or "ops" not in profile.get("litlab", {}):
+        return []
+    hand, lit = profile["hand"]["ops"], profile["litlab"]["ops"]
+    diff = {op: lit.get(op, [0])[0] - hand.get(op, [0])[0] for op in {*hand, *lit}}
+    big = sorted((op for op, d in diff.items() if abs(d) >= 0.5), key=lambda op: (-abs(diff[op]), op))
+    return [f"{op} {diff[op]:+.1f}" for op in big[:most]]
 
 
 def write_outputs(paths: list[str], rows: list[dict], startup: dict | None) -> str:

@@ -24,11 +24,10 @@ export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (1 epoch is timed beside the warm-up and the profiled one)
-RESNET_REPEATS=3
+RESNET_REPEATS=2
 if [ "${SMOKE:-0}" = 1 ]; then
   COMMON=(--smoke --device cpu)
   SHORT=(--epochs 3)
-  RESNET_REPEATS=2  # still interleaved: hand, litlab, then litlab, hand
 else
   COMMON=(--device cuda)
   "$PYTHON" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("gpu_all.sh: no CUDA device (SMOKE=1 checks the code paths on a CPU)"); print("gpu_all.sh:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)' || exit 1
@@ -44,23 +43,32 @@ run() {  # run LIMIT_S NAME ARGS...: one throughput.py call writing OUT/NAME.{md
   return $status
 }
 
-# ~3.5 minutes on an H200. ResNet-18: 3 repeats x (hand loop + litlab) x 8 epochs of 48 steps (7 timed:
-# ~3 s per side, long enough that the host's noise, +-5% over 1 s windows on the first H200 session,
-# averages out), with and without tracking where mlflow is installed (without it both variants are
-# the same untracked run, so only one is measured); in the first repeat, the epoch after the
-# warm-up runs under torch.profiler, untimed (--profile: wall, host time in ops and GPU busy per
-# step: whether the host sets the pace, and whether litlab's host or GPU work differs from the hand
-# loop's). GPT-2: 2 repeats x 2
-# epochs of 28 steps, then the start-up times (~20 s). Compiled GPT-2: one repeat (mostly
-# compilation; the second side reuses the inductor cache).
+# ~3.5 minutes on an H200. ResNet-18: 2 repeats x (hand loop + litlab) x 10 epochs of 48 steps (9
+# timed: ~4 s per side), with and without tracking where mlflow is installed (without it both
+# variants are the same untracked run, so only one is measured); in the first repeat, the epoch
+# after the warm-up runs under torch.profiler, untimed (--profile: wall, host time in ops and GPU
+# busy per step, and the calls of each op: whether the host sets the pace, and whether litlab's
+# host or GPU work differs from the hand loop's). Then 2 --paired runs: the hand loop's epochs
+# between litlab's, ratio epoch by epoch (a host whose speed drifts by +-10% between runs, as the
+# H200 sessions' did, moves both sides of a pair alike). GPT-2: 2 repeats x 2 epochs of 28 steps,
+# then the start-up times (~20 s). Compiled GPT-2: one repeat (mostly compilation; the second side
+# reuses the inductor cache). BENCHES (default "resnet gpt2 compile") picks some of the three.
+BENCHES=${BENCHES:-resnet gpt2 compile}
 variants=default
 "$PYTHON" -c "import mlflow" 2>/dev/null && variants=default,notrack
-run 110 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 8 --profile --bench "resnet18:$variants"
-resnet=$?
-run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
-gpt2=$?
-run 150 gpu_compile --repeats 1 --bench gpt2:compile
-compiled=$?
+resnet=0 gpt2=0 compiled=0
+if [[ " $BENCHES " == *" resnet "* ]]; then
+  run 170 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 10 --paired 2 --profile --bench "resnet18:$variants"
+  resnet=$?
+fi
+if [[ " $BENCHES " == *" gpt2 "* ]]; then
+  run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
+  gpt2=$?
+fi
+if [[ " $BENCHES " == *" compile "* ]]; then
+  run 150 gpu_compile --repeats 1 --bench gpt2:compile
+  compiled=$?
+fi
 cat "$OUT/gpu_resnet.md" "$OUT/gpu_gpt2.md" "$OUT/gpu_compile.md" > "$OUT/gpu.md" 2>/dev/null
 rm -f "$OUT/gpu_resnet.md" "$OUT/gpu_gpt2.md" "$OUT/gpu_compile.md"  # in gpu.md (a device call returns 8 files)
 cat "$OUT/gpu.md"

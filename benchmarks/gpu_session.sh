@@ -5,7 +5,9 @@
 #   2. every GPU benchmark (gpu_all.sh, ~3.5 min) -> OUT/gpu.md and OUT/gpu_{resnet,gpt2,compile}.json;
 #   3. the GPU tests (pytest -m gpu: CUDA graphs and host syncs first, then every digits model under
 #      bf16-mixed, then 16-mixed) for TEST_S seconds (default 215) -> OUT/gpu_tests.log, one line per
-#      test and the traceback of each failure; pytest's own output in OUT/gpu_pytest.log.
+#      test and the traceback of each failure; pytest's own output in OUT/gpu_pytest.log. TESTS (test
+#      ids, space-separated; default tests/test_gpu.py) runs some of them.
+#   BENCHES (gpu_all.sh) picks benchmarks: e.g. BENCHES="resnet compile" TEST_S=150 bash benchmarks/gpu_session.sh
 # With the device tool: run(command="bash benchmarks/gpu_session.sh $OUT", carry=[".whl"], timeout_s=600).
 # On a CPU, the same code paths at tiny sizes: SMOKE=1 bash benchmarks/gpu_session.sh /tmp/smoke
 set -uo pipefail
@@ -42,7 +44,7 @@ export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1
 workers=()
 "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-6}")
 LITLAB_TEST_LOG="$OUT/gpu_tests.log" timeout -s KILL "$TEST_S" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
-  "${workers[@]}" tests/test_gpu.py > "$OUT/gpu_pytest.log" 2>&1
+  "${workers[@]}" ${TESTS:-tests/test_gpu.py} > "$OUT/gpu_pytest.log" 2>&1
 tests=$?
 [ $tests -eq 137 ] && echo "gpu_session.sh: the GPU tests stopped at $TEST_S s; $OUT/gpu_tests.log lists those that ended" >&2
 grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$OUT/gpu_tests.log" | cut -c1-160

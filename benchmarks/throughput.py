@@ -145,8 +145,15 @@ def litlab_side(cfg, clock: EpochClock, samples_of, tracking_uri: str) -> dict:
 
 
 def hand_side(cfg, bench: Bench, clock: EpochClock, device: torch.device, compile_net: bool) -> dict:
+    for _ in hand_epochs(cfg, bench, clock, device, compile_net):
+        pass
+    return {}
+
+
+def hand_epochs(cfg, bench: Bench, clock: EpochClock, device: torch.device, compile_net: bool):
     """The loop a careful user writes by hand for the same config: same net (built by the same
-    registered class from the same seed), same data tensors and augmentation, same optimiser."""
+    registered class from the same seed), same data tensors and augmentation, same optimiser.
+    A generator: yields after each epoch (--paired runs its epochs between litlab's)."""
     import lightning as L
 
     from litlab import registry
@@ -208,7 +215,36 @@ def hand_side(cfg, bench: Bench, clock: EpochClock, device: torch.device, compil
             sched.step()
             clock.step(x.numel() if bench.kind == "lm" else len(x))  # tokens or samples, as the litlab side
         clock.stop(device)
-    return {}
+        yield epoch
+
+
+def paired_side(cfg, bench: Bench, hand_clock: EpochClock, lit_clock: EpochClock, device: torch.device,
+                samples_of, tracking_uri: str, compile_net: bool) -> None:
+    """One litlab run with the hand loop's epochs run between its own, alternating which side goes
+    first (H0 L0 | L1 H1 | H2 L2 | ...): each pair of epochs runs on the host as it is at that
+    moment, so the per-pair ratios are free of the drift that separate runs see (--paired)."""
+    import lightning as L
+
+    hand = hand_epochs(cfg, bench, hand_clock, device, compile_net)
+
+    def hand_epoch() -> None:
+        with torch.enable_grad():
+            next(hand, None)
+
+    class HandEpochs(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch % 2 == 0:
+                hand_epoch()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch % 2 == 1:
+                hand_epoch()
+
+    from litlab import runner
+
+    runner.run(cfg, tracking_uri=tracking_uri, callbacks=[lightning_clock_callback(lit_clock, samples_of), HandEpochs()])
+    for _ in hand:  # epochs litlab did not reach (it stopped early): none in a benchmark run
+        pass
 
 
 def optimizer_kernel(device: torch.device) -> dict:
@@ -223,6 +259,18 @@ def optimizer_kernel(device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------ one benchmark
+def paired_run(bench: Bench, cfg, args, device: torch.device, variant: str, samples_of, tmp: str, r: int) -> list[float]:
+    """One --paired run: litlab / hand loop of each timed pair of epochs (see paired_side)."""
+    clocks = {side: EpochClock(args.warmup_epochs, args.clock) for side in ("hand", "litlab")}
+    gc.collect()
+    paired_side(cfg, bench, clocks["hand"], clocks["litlab"], device, samples_of, f"sqlite:///{tmp}/mlflow.db",
+                compile_net=variant == "compile")
+    ratios = [lit / hand for lit, hand in zip(clocks["litlab"].epoch_rates, clocks["hand"].epoch_rates)]
+    print(f"  {bench.name:<9} {variant:<8} paired run {r + 1}: litlab / hand per epoch "
+          + " ".join(f"{x:.3f}" for x in ratios), file=sys.stderr, flush=True)
+    return ratios
+
+
 def param_count(cfg) -> int:
     from litlab import registry
 
@@ -295,6 +343,7 @@ def measure(bench: Bench, args, variant: str) -> dict:
                     print(f"  {bench.name:<9} {variant:<8} repeat {r + 1}: {side:<6} {rate:12,.0f} "
                           f"{'tokens' if tokens else 'samples'}/s ({clock.steps} steps in {clock.seconds:.3f} s)",
                           file=sys.stderr, flush=True)
+            pairs = [paired_run(bench, cfg, args, device, variant, samples_of, tmp, r) for r in range(args.paired)]
         finally:
             os.chdir(cwd)
     hand, lit = max(results["hand"]), max(results["litlab"])
@@ -306,6 +355,8 @@ def measure(bench: Bench, args, variant: str) -> dict:
            "peak_mem_mib": {k: v / 2**20 for k, v in mem.items()}}
     if profiles:
         row["profile"] = profiles
+    if pairs:
+        row["paired_ratios"] = [ratio for run in pairs for ratio in run]  # litlab / hand, epoch by epoch
     if tokens:
         n = param_count(cfg)
         peak, peak_name = device_peak_tflops(device)
@@ -329,6 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="default", help="comma-separated: default, notrack, compile, lightning_loop")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="config overrides for every run (e.g. tracking.system_metrics=false), after the benchmark's")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="also N runs of litlab with the hand loop's epochs between its own (alternating "
+                        "which goes first): the median ratio of these pairs of epochs, steady on a drifting host")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code paths, measures nothing")
     p.add_argument("--profile", action="store_true", help="in the first repeat, the epoch after the warm-up runs untimed "
                    "under torch.profiler: wall, host time in ops and GPU busy time per step")
