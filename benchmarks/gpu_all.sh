@@ -24,10 +24,11 @@ export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (1 epoch is timed beside the warm-up and the profiled one)
-RESNET_REPEATS=2
+RESNET_REPEATS=2 PAIRED=2
 if [ "${SMOKE:-0}" = 1 ]; then
   COMMON=(--smoke --device cpu)
   SHORT=(--epochs 3)
+  RESNET_REPEATS=1 PAIRED=1  # the code paths, not the figures
 else
   COMMON=(--device cuda)
   "$PYTHON" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("gpu_all.sh: no CUDA device (SMOKE=1 checks the code paths on a CPU)"); print("gpu_all.sh:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)' || exit 1
@@ -58,7 +59,7 @@ variants=default
 "$PYTHON" -c "import mlflow" 2>/dev/null && variants=default,notrack
 resnet=0 gpt2=0 compiled=0
 if [[ " $BENCHES " == *" resnet "* ]]; then
-  run 170 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 10 --paired 2 --profile --bench "resnet18:$variants"
+  run 170 gpu_resnet --repeats "$RESNET_REPEATS" --epochs 10 --paired "$PAIRED" --profile --bench "resnet18:$variants"
   resnet=$?
 fi
 if [[ " $BENCHES " == *" gpt2 "* ]]; then

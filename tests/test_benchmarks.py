@@ -74,8 +74,8 @@ def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     assert " nan " not in table, table  # every side timed at least one step
     assert "- resnet18 default: hand " in table and "; litlab " in table  # the profiled epoch (--profile)
     for row in (line for line in table.splitlines() if line.startswith("| resnet18 |")):
-        paired = row.split("|")[9].strip()  # --paired 2, 3 epochs of which 1 warm-up: 2 pairs a run
-        assert paired.endswith("(4)") and float(paired.split()[0]) > 0, row
+        paired = row.split("|")[9].strip()  # --paired 1, 3 epochs of which 1 warm-up: 2 pairs
+        assert paired.endswith("(2)") and float(paired.split()[0]) > 0, row
     assert sorted(p.name for p in out.iterdir()) == ["gpu.md", "gpu_compile.json", "gpu_gpt2.json", "gpu_pytest.log",
                                                       "gpu_resnet.json", "gpu_tests.log"]  # a device call returns 8
     log = (out / "gpu_tests.log").read_text()  # one line per test (skipped here: no GPU)
