@@ -36,12 +36,17 @@ def test_user_error_in_a_real_process_is_one_line_exit_2(tmp_path):
     (["data.batchsize=8", "model.hiden=[8]"], "data.batchsize: unknown argument for data.name='digits' (did you "
                                               "mean 'batch_size'?)"),
     (["data.name=digit"], "data.name: unknown name 'digit' (did you mean 'digits'?)"),
+    (["model.activation=rellu"], "model.activation: 'rellu' is not allowed: choose one of sigmoid, tanh, relu,"),
+    (["model.hidden=[8,0]"], "model.hidden[1]: 0 is out of range: must be >= 1"),
+    (["model.dropout=1"], "model.dropout: 1.0 is out of range: must be >= 0 and < 1"),
+    (["model.width=wide"], "model.width: expected int (>= 1 and <= 65536) or null, got 'wide'"),
+    (["model.dropout=2", "data.batch_size=0"], "data.batch_size: 0 is out of range: must be >= 1"),
 ])
 def test_a_mistake_in_litlabs_own_sections_is_told_before_lightning_is_imported(tmp_path, args, error):
-    """A typo in optim/trainer/callbacks/tracking, or in a model's or data's name or argument name,
-    took 9 s to report (the import of Lightning came first); now 0.2 to 0.5 s (the names are read
-    from the source: tests/test_registry.py checks them against the classes). Only an argument's
-    value needs its class: checked after the import. The message is the one the registry gives."""
+    """A typo in optim/trainer/callbacks/tracking, or in a model's or data's name, argument name or
+    value, took 9 s to report (the import of Lightning came first); now 0.2 to 0.5 s (the names and
+    the arguments' types are read from the source: tests/test_registry.py checks them against the
+    classes). The message is the one config.validate gives with the classes."""
     import subprocess
     import sys
 
@@ -55,11 +60,11 @@ def test_a_mistake_in_litlabs_own_sections_is_told_before_lightning_is_imported(
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"litlab run: error: {error}"), line
     if args[0].startswith(("model.", "data.")):  # word for word what validate() says with the classes
-        from litlab import config
+        from litlab import runner
         from litlab.errors import ConfigError
 
         with pytest.raises(ConfigError) as told:
-            config.load(MLP_DIGITS, args)
+            runner.load_config(MLP_DIGITS, args)  # with what the data tells the model (input_shape)
         # a name's list of choices here also holds what other tests registered in this process
         early, _, choices = line.partition("; choose one of: ")
         full, _, all_choices = f"litlab run: error: {told.value}".partition("; choose one of: ")

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import operator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+from litlab.schema import Range
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # .../litlab
 CHAPTERS = PACKAGE_ROOT / "chapters"
@@ -88,12 +92,12 @@ class _SourceModule:
                 return None
         return out
 
-    def init_arguments(self, register: str) -> dict[str, list[str] | None] | None:
-        """{registered name: the arguments of the class's own __init__ (what config.resolve_args
-        checks a section against), or None where the class inherits its __init__} for the classes
+    def init_arguments(self, register: str) -> dict[str, dict[str, Any] | None] | None:
+        """{registered name: {argument: its type (annotation_type)} of the class's own __init__ (what
+        config.resolve_args checks a section against), or None where the class inherits its __init__} for the classes
         this file decorates with `register` (register_model or register_data); None if a name
         cannot be read or the function is called elsewhere than on a top-level class."""
-        out: dict[str, list[str] | None] = {}
+        out: dict[str, dict[str, Any] | None] = {}
         decorated = [(node, d) for node in self.tree.body if isinstance(node, ast.ClassDef)
                      for d in node.decorator_list
                      if isinstance(d, ast.Call) and _called_name(d.func) == register]
@@ -111,8 +115,74 @@ class _SourceModule:
                 out[name] = None
                 continue
             a = init.args
-            out[name] = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)][1:]  # without self
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs][1:]  # without self
+            out[name] = {p.arg: self.annotation_type(p.annotation) for p in params}
         return out
+
+    def annotation_type(self, node: ast.expr | None) -> Any:
+        """The type an argument's annotation names, as typing.get_type_hints would give it, for
+        what schema.check understands (int, float, bool, str, None, Literal, Annotated with Range,
+        Optional/Union or |, list, tuple, dict), through module-level aliases and imports within
+        litlab; typing.Any (no check) for anything else or anything not readable here."""
+        if node is None:
+            return Any
+        try:
+            return self._type(node, 0)
+        except (_Unresolved, TypeError, ValueError, SyntaxError):
+            return Any
+
+    def _type(self, node: ast.expr, depth: int) -> Any:
+        if depth > 16:
+            raise _Unresolved("too deep")
+        if isinstance(node, ast.Constant):
+            if node.value is None:
+                return type(None)
+            if isinstance(node.value, str):  # a string annotation: its expression
+                return self._type(ast.parse(node.value, mode="eval").body, depth + 1)
+            raise _Unresolved(repr(node.value))
+        if isinstance(node, ast.Name):
+            return self._named(node.id, depth)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "typing":
+            return _from_module("typing", node.attr)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            return self._type(node.left, depth + 1) | self._type(node.right, depth + 1)
+        if isinstance(node, ast.Subscript):
+            base = self._type(node.value, depth + 1)
+            items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if base is Literal:
+                return Literal[tuple(_literal(item) for item in items)]
+            if base is Annotated:
+                meta = [self._range(m) for m in items[1:] if isinstance(m, ast.Call)]
+                return Annotated[(self._type(items[0], depth + 1), *[m for m in meta if m is not None])]
+            args = tuple(Ellipsis if isinstance(i, ast.Constant) and i.value is Ellipsis else self._type(i, depth + 1)
+                         for i in items)
+            if base in (Optional, Union, list, tuple, dict):
+                return base[args if len(args) > 1 else args[0]]
+        raise _Unresolved(ast.dump(node)[:80])
+
+    def _named(self, name: str, depth: int) -> Any:
+        if name in self.assigned:  # a module-level alias: Hidden = Annotated[int, Range(ge=1)]
+            return self._type(self.assigned[name], depth + 1)
+        if name in self.imported:
+            module, attr = self.imported[name]
+            if module in ("typing", "typing_extensions", "litlab.schema"):
+                return _from_module(module, attr)
+            source = self.index.module(module)
+            if source is None:
+                raise _Unresolved(f"{module}.{attr}")
+            return source._named(attr, depth + 1)
+        if name in _BUILTIN_TYPES:
+            return _BUILTIN_TYPES[name]
+        raise _Unresolved(name)
+
+    def _range(self, call: ast.Call) -> Range | None:
+        """Range(ge=..., ...) with number literals; None for any other metadata (schema.check
+        reads only Range)."""
+        if _called_name(call.func) != "Range" or self._named("Range", 0) is not Range:
+            return None
+        if call.args:
+            raise _Unresolved("Range with positional arguments")
+        return Range(**{k.arg: _literal(k.value) for k in call.keywords})
 
     def _register_calls(self) -> list[ast.Call]:
         """The register_model(...) calls: the decorators of top-level classes (walking every node
@@ -137,6 +207,42 @@ class _SourceIndex:
             path = module_path(name)
             self._modules[name] = _SourceModule(path, self) if path is not None else None
         return self._modules[name]
+
+
+_BUILTIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "tuple": tuple, "dict": dict}
+
+
+def _from_module(module: str, attr: str) -> Any:
+    known = {"Any": Any, "Literal": Literal, "Annotated": Annotated, "Optional": Optional, "Union": Union,
+             "Range": Range}
+    if attr not in known or (attr == "Range") != (module == "litlab.schema"):
+        raise _Unresolved(f"{module}.{attr}")
+    return known[attr]
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.Pow: operator.pow}
+
+
+def _literal(node: ast.expr) -> Any:
+    """A literal value: a constant, or arithmetic on numbers (-1, 2**32, 10 * 1000)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_number(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _number(node.left), _number(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 256:
+            raise _Unresolved("a huge power")
+        return _ARITHMETIC[type(node.op)](left, right)
+    raise _Unresolved(ast.dump(node)[:80])
+
+
+def _number(node: ast.expr) -> int | float:
+    value = _literal(node)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Unresolved(repr(value))
+    return value
 
 
 def module_name(path: Path) -> str:
@@ -195,12 +301,12 @@ def _imported_entries(module: str) -> list[ModelInfo]:
             if e.cls.__module__ == module]
 
 
-def registered_arguments() -> dict[str, dict[str, list[str] | None]] | None:
+def registered_arguments() -> dict[str, dict[str, dict[str, Any] | None]] | None:
     """{"model": ..., "data": ...}: init_arguments of every file of the package (chapters and
     data), every registered model (register_model) and data module (register_data) without
     importing one; None if one file cannot be read that way (then only the registry knows)."""
     index = _SourceIndex(PACKAGE_ROOT)
-    found: dict[str, dict[str, list[str] | None]] = {"model": {}, "data": {}}
+    found: dict[str, dict[str, dict[str, Any] | None]] = {"model": {}, "data": {}}
     for path in sorted(PACKAGE_ROOT.rglob("*.py")):
         if path.name in ("registry.py", "model_index.py"):
             continue
@@ -216,13 +322,14 @@ def registered_arguments() -> dict[str, dict[str, list[str] | None]] | None:
 
 
 def check_names_and_arguments(raw: dict) -> None:
-    """data.name, model.name and the names of their arguments checked against the source (after
-    config.precheck, before the ~10 s import of Lightning that the registry needs), in the order
-    config.validate checks them and with its messages. A name given as an import path
-    (package.module:Class), or a class inheriting its __init__, is left to validate; so are the
-    arguments' values and types."""
+    """data.name, model.name, the names of their arguments and the values given to them checked
+    against the source (after config.precheck, before the ~10 s import of Lightning that the
+    registry needs), in the order config.validate checks them and with its messages (the same
+    schema.check). A name given as an import path (package.module:Class), a class inheriting its
+    __init__, and an argument whose type is not readable from the source are left to validate."""
     from litlab.errors import unknown_argument, unknown_name
     from litlab.registry import IMPORT_PATH
+    from litlab.schema import check
 
     known = registered_arguments()
     if known is None:
@@ -235,6 +342,11 @@ def check_names_and_arguments(raw: dict) -> None:
         if not isinstance(name, str) or name not in known[section]:
             raise unknown_name(section, name, known[section])
         arguments = known[section][name]
+        if arguments is None:
+            continue
         for key in body:
-            if key != "name" and arguments is not None and key not in arguments:
-                raise unknown_argument(section, name, key, arguments)
+            if key != "name" and key not in arguments:
+                raise unknown_argument(section, name, key, list(arguments))
+        for key, tp in arguments.items():  # in the signature's order, as resolve_args
+            if key in body and tp is not Any:
+                check(body[key], tp, f"{section}.{key}")

@@ -26,16 +26,10 @@ class Range:
     lt: float | None = None
 
     def describe(self) -> str:
-        parts = []
-        if self.gt is not None:
-            parts.append(f"> {self.gt}")
-        if self.ge is not None:
-            parts.append(f">= {self.ge}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt}")
-        if self.le is not None:
-            parts.append(f"<= {self.le}")
-        return " and ".join(parts)
+        # 1 and 1.0 alike: equal Ranges are one object in typing's cache of Annotated[...], so
+        # which of the two a class's annotation holds depends on which was written first
+        bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+        return " and ".join(f"{op} {int(v) if float(v).is_integer() else v}" for op, v in bounds if v is not None)
 
     def holds(self, v: float) -> bool:
         return not (
