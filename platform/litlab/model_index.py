@@ -1,4 +1,6 @@
-"""`litlab models` without importing the chapters: the registered models, read from the source.
+"""`litlab models`, and the early checks of `litlab run`, without importing the chapters: the
+registered models, and each registered model's and data module's arguments with their types, read
+from the source.
 
 Importing every chapter (torch, Lightning, torch_geometric, gymnasium, datasets, ...) to fill the
 registry takes 10-20 s on a laptop; reading the `@register_model(...)` calls of
