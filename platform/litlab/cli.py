@@ -220,9 +220,8 @@ def cmd_run(args) -> int:
     _quiet_libraries()
     from litlab import config, model_index
 
-    # The file, the overrides, litlab's own sections and the model's and data's names and argument
-    # names, before the ~10 s import of Lightning: a typo there is one line at once (the arguments'
-    # values are checked after it).
+    # The file, the overrides, litlab's own sections and the model's and data's names, argument
+    # names and values, before the ~10 s import of Lightning: a typo there is one line at once.
     raw = config.load_raw(args.experiment, args.overrides)
     config.precheck(raw)
     model_index.check_names_and_arguments(raw)
