@@ -181,6 +181,10 @@ ERRORS = [
     (_space(optim__lr={"type": "float", "low": 1e-3, "high": 20.0, "log": True}), "space.optim.lr",
      "high=20.0 is invalid for mlp_digits.yaml: optim.lr: 20.0 is out of range"),
     (_space(model__hiddn={"type": "int", "low": 1, "high": 3}), "space.model.hiddn", "did you mean 'hidden'"),
+    # a misspelt key fails the checks of the keys before it too: told for itself
+    (_space(optim__lr={"type": "float", "low": 1e-3, "high": 0.1}, model__dropot={"type": "float", "low": 0, "high": 0.5}),
+     "space.model.dropot", "invalid for mlp_digits.yaml: model.dropot: unknown argument for model.name='mlp' "
+                           "(did you mean 'dropout'?)"),
     (_space(optim__name={"type": "categorical", "choices": ["adam", "adamx"]}), "space.optim.name",
      "choice adamx is invalid for mlp_digits.yaml: optim.name: 'adamx' is not allowed"),
     (_without_when("optim.nesterov"), "space.optim.nesterov",
@@ -346,3 +350,22 @@ def test_mlp_width_and_depth_make_a_uniform_mlp():
         with pytest.raises(ConfigError) as e:
             MLPClassifier(input_shape=[4], num_classes=3, **given)
         assert e.value.key == missing
+
+
+def test_a_typo_in_the_space_is_told_before_lightning_is_imported(tmp_path):
+    """`litlab sweep` checks the space as `litlab run` checks an experiment before importing
+    Lightning (names, arguments, values: 1 s instead of 9 s), then with the classes."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    path = write(tmp_path, _space(optim__lr={"type": "float", "low": 1e-3, "high": 0.1},
+                                  model__dropout={"type": "float", "low": 0.0, "high": 1.5}))
+    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
+    proc = subprocess.run([sys.executable, "-c", code, "sweep", str(path)], cwd=tmp_path, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == ("litlab sweep: error: space.model.dropout: high=1.5 is invalid for mlp_digits.yaml: "
+                                   "model.dropout: 1.5 is out of range: must be >= 0 and < 1"), proc.stderr

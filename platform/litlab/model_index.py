@@ -14,6 +14,7 @@ checks that the index equals the registry.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import operator
 from dataclasses import dataclass
@@ -303,6 +304,7 @@ def _imported_entries(module: str) -> list[ModelInfo]:
             if e.cls.__module__ == module]
 
 
+@functools.cache  # the package's source does not change while it runs (a sweep checks many configs)
 def registered_arguments() -> dict[str, dict[str, dict[str, Any] | None]] | None:
     """{"model": ..., "data": ...}: init_arguments of every file of the package (chapters and
     data), every registered model (register_model) and data module (register_data) without

@@ -127,9 +127,10 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
           gpus_per_trial: int | None = None, quiet: bool = False) -> SweepResult:
     from multiprocessing import forkserver
 
+    load_spec(path, overrides, classes=False)  # a typo told in 0.5 s, before any import of Lightning
     ctx = _context()
-    # First, before this process imports Lightning (~5-10 s): the forkserver's preload imports then
-    # run beside this process's own, on another core, while it validates the sweep.
+    # Then, before this process imports Lightning (~5-10 s): the forkserver's preload imports then
+    # run beside this process's own, on another core, while it validates the sweep fully.
     forkserver.ensure_running()
     from litlab import runner
     from litlab.sweep.trial import TrialJob, run_trial

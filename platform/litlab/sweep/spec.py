@@ -103,8 +103,10 @@ class SweepSpec:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    """Read, override (`n_trials=3`, `sampler.seed=1`, `space.optim.lr.high=0.5`) and validate a sweep."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, classes: bool = True) -> SweepSpec:
+    """Read, override (`n_trials=3`, `sampler.seed=1`, `space.optim.lr.high=0.5`) and validate a sweep
+    (against the experiment's model and data classes too, unless `classes` is False: then only as
+    `litlab run` checks before importing Lightning, see sweep/experiment_checks.py)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: {'is a directory, expected a' if p.is_dir() else 'no such'} sweep file")
@@ -114,7 +116,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
         raise UserError(f"{path}: cannot read: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping (experiment, metric, direction, space, ...), got {type(raw).__name__}")
-    return _parse(_apply_overrides(raw, overrides or []), p)
+    return _parse(_apply_overrides(raw, overrides or []), p, classes)
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -155,7 +157,7 @@ def _override_list(raw: Any) -> list[str]:
     return list(raw)
 
 
-def _parse(raw: dict, path: Path) -> SweepSpec:
+def _parse(raw: dict, path: Path, classes: bool = True) -> SweepSpec:
     for k in raw:
         if k not in KEYS:
             raise ConfigError(str(k), f"unknown sweep key{did_you_mean(str(k), KEYS)}; allowed: {', '.join(KEYS)}")
@@ -206,7 +208,9 @@ def _parse(raw: dict, path: Path) -> SweepSpec:
             build(spec)
         except (TypeError, ValueError) as e:
             raise ConfigError(which, f"{getattr(spec, which)['name']}: {str(e).strip().splitlines()[0]}") from None
-    _check_against_experiment(spec)
+    from litlab.sweep.experiment_checks import check_against_experiment
+
+    check_against_experiment(spec, classes)
     return spec
 
 
@@ -287,58 +291,6 @@ def _param(key: str, body: Any, earlier: dict[str, ParamSpec], all_keys: list[st
     if step is not None and (step <= 0 or abs(n - round(n)) > 1e-9 * n):
         raise ConfigError(f"{at}.step", f"{step} must be > 0 and divide high - low = {tidy(p.high - p.low)}")
     return p
-
-
-# ------------------------------------------------------------------------------------ experiment checks
-def _check_against_experiment(spec: SweepSpec) -> None:
-    """Every space key and value must be valid for the base experiment, so that no trial fails on a
-    config mistake: the bounds and every choice, each with an activating value of its parents and
-    the other active params at a typical value (nesterov=true needs the momentum set, ...)."""
-    _try(spec, [], "experiment", str(spec.experiment))
-    base = spec.overrides + objective_overrides(spec)
-    _try(spec, base, "overrides", f"invalid for {spec.experiment.name}")
-    fixed, by_key = {parse_override(o)[0] for o in spec.overrides}, {p.key: p for p in spec.space}
-    for p in spec.space:
-        if p.key in fixed:
-            raise ConfigError(f"space.{p.key}", "is also set in overrides: remove one of them")
-        labelled = [(f"choice {format_value(c)}", c) for c in p.choices] if p.type == "categorical" else \
-            [(f"low={format_value(p.low)}", p.low), (f"high={format_value(p.high)}", p.high)]
-        for label, v in labelled:
-            pinned, todo = {p.key: v}, [p]
-            while todo:  # give every ancestor a value that activates its child
-                for parent, allowed in todo.pop().when.items():
-                    if parent not in pinned:
-                        pinned[parent] = allowed[0]
-                        todo.append(by_key[parent])
-            values: dict[str, Any] = {}
-            for q in spec.space:
-                if q.active(values):
-                    values[q.key] = pinned.get(q.key, q.typical())
-            if p.key not in values:
-                raise ConfigError(f"space.{p.key}", "can never be active: its when conditions (and its parents') contradict")
-            label += "".join(f" (with {k}={format_value(x)})" for k, x in pinned.items() if k != p.key)
-            _try(spec, base + to_overrides(values), f"space.{p.key}", f"{label} is invalid for {spec.experiment.name}")
-
-
-def _try(spec: SweepSpec, overrides: list[str], key: str, prefix: str) -> None:
-    """load_config, then build the model on the meta device (no memory, ~ms) for the ConfigErrors a
-    model raises in its constructor (mlp width without depth, LeNet on too small images, ...)."""
-    import torch
-
-    from litlab import registry
-    from litlab.runner import load_config
-
-    try:
-        cfg = load_config(spec.experiment, overrides)
-        try:
-            with torch.device("meta"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                registry.get_model(cfg.model["name"]).cls(**{k: v for k, v in cfg.model.items() if k != "name"})
-        except Exception as e:  # anything but a config mistake: not for this check to judge
-            if isinstance(e, UserError):
-                raise
-    except UserError as e:
-        raise ConfigError(key, f"{prefix}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 # ------------------------------------------------------------------------------------ Optuna
