@@ -45,3 +45,31 @@ def test_the_data_tells_the_shape_of_every_batch():
     batch = sampler(torch.randperm(dm.graph.num_nodes)[:8])
     t, d = batch.neighbourhoods
     assert (t, d) == neighbourhood_shape(batch.edge_index) and d <= 4 and t < batch.num_nodes
+
+
+def test_graph_classification_batches_carry_their_shape_and_the_lstm_uses_it(monkeypatch):
+    """Batches of graphs (PyG's collate) get their neighbourhood_shape where they are made; the
+    graph classifier with the LSTM aggregator gives the same logits and gradients with it (the
+    padded grid) as without it (packing)."""
+    padded_calls = []
+    padded = SAGELayer._lstm_aggregate_padded
+    monkeypatch.setattr(SAGELayer, "_lstm_aggregate_padded",
+                        lambda self, *a: padded_calls.append(1) or padded(self, *a))
+    from litlab.chapters.gnn.graph_classification import GraphClassifier
+    from litlab.data.graph_classification import SyntheticGraphsDataModule
+
+    dm = SyntheticGraphsDataModule(num_graphs=24, batch_size=6, max_nodes=12)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.neighbourhoods == neighbourhood_shape(batch.edge_index) and batch.num_graphs == 6
+    torch.manual_seed(0)
+    model = GraphClassifier(**dm.info(), conv="sage", aggregator="lstm", hidden=8, num_layers=2)
+    with_shape = model(batch)
+    grads = torch.autograd.grad(with_shape.square().sum(), list(model.parameters()))
+    assert len(padded_calls) == 2  # both layers laid the neighbourhoods out in the grid
+    del batch.neighbourhoods
+    without = model(batch)
+    torch.testing.assert_close(with_shape, without)
+    assert len(padded_calls) == 2  # packed
+    for a, b in zip(grads, torch.autograd.grad(without.square().sum(), list(model.parameters()))):
+        torch.testing.assert_close(a, b)

@@ -186,8 +186,8 @@ def test_the_reasons_name_registered_models():
     assert set(WAITS_BY_DESIGN) <= set(registry.MODELS)
 
 
-def count_waits(name: str, tmp_path, monkeypatch) -> WaitCounter:
-    entry, dm, model = _build(name)
+def count_waits(name: str, tmp_path, monkeypatch, **model_overrides) -> WaitCounter:
+    entry, dm, model = _build(name, **model_overrides)
     # logging steps among them (2, 4, 6): Lightning gathers the step's logged values there, even
     # with no logger, and turned each prog_bar one into a number (a sync) before litlab's loop
     trainer = L.Trainer(max_steps=6, limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", logger=False,
@@ -205,6 +205,15 @@ def count_waits(name: str, tmp_path, monkeypatch) -> WaitCounter:
 @pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in WAITS_BY_DESIGN])
 def test_a_training_step_waits_for_nothing(name, tmp_path, monkeypatch):
     counter = count_waits(name, tmp_path, monkeypatch)
+    assert not counter.waiting_steps(), f"{name}: steps that would wait on a GPU (step: ops) {counter.waiting_steps()}"
+
+
+@pytest.mark.parametrize("name, model_overrides", [
+    ("graphsage", {"aggregator": "lstm"}), ("graph_classifier", {"conv": "sage", "aggregator": "lstm"})])
+def test_graphsage_lstm_steps_wait_for_nothing(name, model_overrides, tmp_path, monkeypatch):
+    """The LSTM aggregator takes the neighbourhoods' (T, D) grid the data made on the host (the
+    full graph, a sampled batch, a batch of graphs), not the sizes read from the device."""
+    counter = count_waits(name, tmp_path, monkeypatch, **model_overrides)
     assert not counter.waiting_steps(), f"{name}: steps that would wait on a GPU (step: ops) {counter.waiting_steps()}"
 
 

@@ -14,7 +14,7 @@ registry.load_all()
 MODEL_NAMES = sorted(registry.MODELS)
 
 
-def _build(name: str):
+def _build(name: str, **model_overrides):
     entry = registry.MODELS[name]
     smoke = entry.smoke
     assert smoke.get("data", {}).get("name"), f"{name}: register it with smoke={{'data': {{'name': ...}}}}"
@@ -22,7 +22,7 @@ def _build(name: str):
     data_args = resolve_args("data", data_entry.cls, {k: v for k, v in smoke["data"].items() if k != "name"})
     dm = data_entry.cls(**data_args)
     info = {k: list(v) if isinstance(v, tuple) else v for k, v in dm.info().items()}
-    model_args = resolve_args("model", entry.cls, smoke.get("model", {}), provided=info)
+    model_args = resolve_args("model", entry.cls, {**smoke.get("model", {}), **model_overrides}, provided=info)
     L.seed_everything(0, verbose=False)
     model = entry.cls(**model_args)
     model.optim_config = OptimConfig()

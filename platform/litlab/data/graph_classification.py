@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from litlab.data.base import LitlabDataModule
+from litlab.data.graph_sampling import neighbourhood_shape
 from litlab.data.graphs import undirected_edge_index
 from litlab.errors import ConfigError
 from litlab.registry import register_data
@@ -119,5 +120,21 @@ class SyntheticGraphsDataModule(LitlabDataModule):
 
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() did not create this split")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0)
+        loader.collate_fn = WithNeighbourhoods(loader.collate_fn)
+        return loader
+
+
+class WithNeighbourhoods:
+    """PyG's collate, then the batch's `neighbourhoods` (graph_sampling.neighbourhood_shape), read on
+    the host where the batch is made: GraphSAGE's LSTM aggregator lays the neighbourhoods out
+    without reading the edges on the device (a host sync per layer)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, graphs):
+        batch = self.collate(graphs)
+        batch.neighbourhoods = neighbourhood_shape(batch.edge_index)
+        return batch

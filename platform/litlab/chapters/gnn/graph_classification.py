@@ -23,6 +23,7 @@ from litlab.chapters.gnn.module import (
     InFeatures,
     Layers,
     NumClasses,
+    neighbourhoods_of,
 )
 from litlab.chapters.gnn.nets import Activation, Conv, GraphClassifierNet, Readout
 from litlab.chapters.gnn.plots import Projection, embedding_figure
@@ -64,7 +65,7 @@ class GraphClassifier(StageSteps):
 
     def forward(self, batch) -> torch.Tensor:
         """A Batch of G graphs -> logits (G, C)."""
-        return self.net(batch.x, batch.edge_index, batch.batch, batch.num_graphs)
+        return self.net(batch.x, batch.edge_index, batch.batch, batch.num_graphs, neighbourhoods_of(batch))
 
     def smoke_forward(self, batch) -> torch.Tensor:
         return self(batch)
@@ -84,7 +85,7 @@ class GraphClassifier(StageSteps):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
         if self.hparams.embedding_plot != "none":
-            g = self.net.embed(batch.x, batch.edge_index, batch.batch, batch.num_graphs)  # (G, hidden)
+            g = self.net.embed(batch.x, batch.edge_index, batch.batch, batch.num_graphs, neighbourhoods_of(batch))  # (G, hidden)
             self._test_embeddings.append((g.detach().cpu(), batch.y.cpu()))
 
     def on_test_epoch_start(self):

@@ -59,10 +59,10 @@ class NodeClassifierModule(StageSteps):
         return self.net(x, edge_index, neighbourhoods=neighbourhoods)  # (N, F), (2, E) -> logits (N, C)
 
     def smoke_forward(self, batch) -> torch.Tensor:
-        return self(batch.x, batch.edge_index, _neighbourhoods(batch))
+        return self(batch.x, batch.edge_index, neighbourhoods_of(batch))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        logits, outputs = self.net(batch.x, batch.edge_index, return_hidden=True, neighbourhoods=_neighbourhoods(batch))
+        logits, outputs = self.net(batch.x, batch.edge_index, return_hidden=True, neighbourhoods=neighbourhoods_of(batch))
         mask = batch[f"{stage}_mask"]
         weight = mask.to(logits.dtype)
         loss = (F.cross_entropy(logits, batch.y, reduction="none") * weight).sum() / weight.sum().clamp_min(1)
@@ -93,10 +93,10 @@ class NodeClassifierModule(StageSteps):
         self._test_outputs = []
 
     def predict_step(self, batch, batch_idx):
-        return self(batch.x, batch.edge_index, _neighbourhoods(batch)).argmax(-1)
+        return self(batch.x, batch.edge_index, neighbourhoods_of(batch)).argmax(-1)
 
 
-def _neighbourhoods(batch) -> tuple[int, int] | None:
+def neighbourhoods_of(batch) -> tuple[int, int] | None:
     """The batch's graph_sampling.neighbourhood_shape, where the data module or sampler put it."""
     return batch.neighbourhoods if "neighbourhoods" in batch else None
 

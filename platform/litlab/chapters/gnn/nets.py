@@ -128,12 +128,15 @@ class GraphClassifierNet(nn.Module):
         self.readout_mode, self.dropout = readout, dropout
         self.head = nn.Linear(width, num_classes)
 
-    def embed(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        """The graph representations (G, hidden) that the head classifies."""
-        return readout(self.stack(x, edge_index)[-1], batch, num_graphs, self.readout_mode)
+    def embed(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int,
+              neighbourhoods: tuple[int, int] | None = None) -> Tensor:
+        """The graph representations (G, hidden) that the head classifies (`neighbourhoods`: see
+        MessagePassingStack)."""
+        return readout(self.stack(x, edge_index, neighbourhoods)[-1], batch, num_graphs, self.readout_mode)
 
-    def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        g = self.embed(x, edge_index, batch, num_graphs)
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int,
+                neighbourhoods: tuple[int, int] | None = None) -> Tensor:
+        g = self.embed(x, edge_index, batch, num_graphs, neighbourhoods)
         return self.head(F.dropout(g, self.dropout, self.training))
 
 
