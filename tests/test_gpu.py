@@ -41,6 +41,7 @@ BERT_MLM = REPO / "experiments" / "transformer" / "bert_mlm_pydoc.yaml"
 GPT_MOE = REPO / "experiments" / "transformer" / "gpt_moe_pydoc.yaml"
 VAE = REPO / "experiments" / "autoencoder" / "vae_digits.yaml"  # self.log(on_step=True, prog_bar=True)
 SAGE = REPO / "experiments" / "gnn" / "sage_sbm.yaml"  # with the LSTM aggregator: its (T, D) grid
+GRAPHS = REPO / "experiments" / "gnn" / "graph_classification.yaml"  # the same, a batch of graphs at a time
 
 
 @pytest.mark.parametrize("source, overrides", [
@@ -49,6 +50,7 @@ SAGE = REPO / "experiments" / "gnn" / "sage_sbm.yaml"  # with the LSTM aggregato
     pytest.param(str(YOLO), ["data.n_train=320", "data.n_val=32", "data.n_test=32"], id="yolo"),
     pytest.param(str(VAE), [], id="vae_digits"),
     pytest.param(str(SAGE), ["model.aggregator=lstm"], id="sage_lstm"),
+    pytest.param(str(GRAPHS), ["model.conv=sage", "model.aggregator=lstm"], id="graph_classifier_sage_lstm"),
     pytest.param(str(BERT_MLM), ["data.n_train=256", "model.d_model=32", "model.n_layers=1", "model.d_ff=64"],
                  id="bert_mlm"),
     pytest.param(str(GPT_MOE), ["data.max_chars=20000", "data.seq_len=32", "model.block_size=32", "model.n_layer=2",
