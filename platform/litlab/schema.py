@@ -29,7 +29,7 @@ class Range:
         # 1 and 1.0 alike: equal Ranges are one object in typing's cache of Annotated[...], so
         # which of the two a class's annotation holds depends on which was written first
         bounds = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
-        return " and ".join(f"{op} {int(v) if float(v).is_integer() else v}" for op, v in bounds if v is not None)
+        return " and ".join(f"{op} {_bound(v)}" for op, v in bounds if v is not None)
 
     def holds(self, v: float) -> bool:
         return not (
@@ -38,6 +38,10 @@ class Range:
             or (self.lt is not None and not v < self.lt)
             or (self.le is not None and not v <= self.le)
         )
+
+
+def _bound(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else str(v)
 
 
 def type_name(tp: Any) -> str:
