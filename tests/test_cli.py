@@ -71,6 +71,24 @@ def test_a_mistake_in_litlabs_own_sections_is_told_before_lightning_is_imported(
         assert early == full and set(choices.split(", ")) <= set(all_choices.split(", "))
 
 
+def test_resuming_a_run_that_is_not_there_is_told_before_lightning_is_imported(tmp_path):
+    """`litlab resume` of a mistyped run id: one line after the tracking store's answer (~2 s of
+    importing MLflow), not after the ~9 s import of Lightning."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-c", code, "resume", "--tracking-uri", uri, "0123456789abcdef"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (f"litlab resume: error: no run '0123456789abcdef' in the tracking store {uri} "
+                                   "(list them with `litlab runs`)"), proc.stderr
+
+
 def test_a_missing_dependency_is_one_line_naming_the_package(tmp_path):
     """mlflow not installed (as on a bare GPU image): `litlab run` says which package and how to
     do without it, exit 2, no traceback; an import error of anything else is not hidden."""

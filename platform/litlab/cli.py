@@ -239,6 +239,9 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     _quiet_libraries()
+    from litlab.tracking_store import find_run, resolve_tracking_uri
+
+    find_run(resolve_tracking_uri(args.tracking_uri), args.run_id)  # a wrong id told in ~2 s, not after Lightning's import
     from litlab import runner
 
     result = runner.resume(args.run_id, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)

@@ -200,13 +200,8 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
 def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_uri: str | None = None,
            verbose: bool = False, callbacks: list | None = None) -> RunResult:
     """Continue RUN_ID from its last checkpoint in the same MLflow run (same id, steps continue)."""
-    from mlflow.exceptions import MlflowException
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    try:
-        run_info = tracking.client(uri).get_run(run_id)
-    except MlflowException:
-        raise UserError(f"no run {run_id!r} in the tracking store {uri} (list them with `litlab runs`)") from None
+    run_info = tracking.find_run(uri, run_id)
     tags = run_info.data.tags
     if _rank() == 0 and run_info.info.status == "RUNNING" and process_alive(tags.get("host"), tags.get("litlab.pid")):
         raise UserError(f"run {run_id} is still running (pid {tags.get('litlab.pid')}); stop it before resuming")

@@ -29,6 +29,7 @@ from litlab.tracking_store import (  # noqa: F401  (re-exported: litlab.tracking
     attach_run,
     client,
     end_run,
+    find_run,
     get_or_create_experiment,
     resolve_tracking_uri,
     set_tags,

@@ -61,6 +61,18 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def find_run(uri: str, run_id: str):
+    """The MLflow run RUN_ID of the store `uri`; a UserError (one line) if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from litlab.errors import UserError
+
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id!r} in the tracking store {uri} (list them with `litlab runs`)") from None
+
+
 def artifact_root(uri: str) -> str | None:
     """For a local SQLite store, artifacts live beside the DB: <dir>/artifacts/<experiment>."""
     if uri.startswith("sqlite:///"):
