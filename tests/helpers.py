@@ -79,6 +79,17 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subproce
                           timeout=timeout)
 
 
+def run_cli_heavy_imports(*args: str, cwd: Path, timeout: float = 120) -> tuple[int, list[str], str]:
+    """`litlab ARGS` in a fresh interpreter: (exit status, which of torch and lightning it imported,
+    stderr); a user's mistake told before those imports gives (2, [], its one line)."""
+    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(code, ' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'})))")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    status, _, imported = proc.stdout.strip().partition(" ")
+    return int(status) if status.lstrip("-").isdigit() else -1, imported.split(), proc.stderr
+
+
 def run_cli_tail(*args: str, cwd: Path, timeout: float = 300, **env: str) -> tuple[int, str, float]:
     """Run `litlab ARGS` with stdout and stderr on one pipe: (exit status, output, seconds from its
     last line to the pipe's end). The pipe ends when the process and every child holding it have

@@ -47,17 +47,11 @@ def test_a_mistake_in_litlabs_own_sections_is_told_before_lightning_is_imported(
     value, took 9 s to report (the import of Lightning came first); now 0.2 to 0.5 s (the names and
     the arguments' types are read from the source: tests/test_registry.py checks them against the
     classes). The message is the one config.validate gives with the classes."""
-    import subprocess
-    import sys
+    from helpers import run_cli_heavy_imports
 
-    from helpers import cli_env
-
-    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
-    proc = subprocess.run([sys.executable, "-c", code, "run", str(MLP_DIGITS), *args], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
-    (line,) = proc.stderr.strip().splitlines()
+    status, imported, stderr = run_cli_heavy_imports("run", str(MLP_DIGITS), *args, cwd=tmp_path)
+    assert (status, imported) == (2, []), stderr
+    (line,) = stderr.strip().splitlines()
     assert line.startswith(f"litlab run: error: {error}"), line
     if args[0].startswith(("model.", "data.")):  # word for word what validate() says with the classes
         from litlab import runner
@@ -74,19 +68,13 @@ def test_a_mistake_in_litlabs_own_sections_is_told_before_lightning_is_imported(
 def test_resuming_a_run_that_is_not_there_is_told_before_lightning_is_imported(tmp_path):
     """`litlab resume` of a mistyped run id: one line after the tracking store's answer (~2 s of
     importing MLflow), not after the ~9 s import of Lightning."""
-    import subprocess
-    import sys
+    from helpers import run_cli_heavy_imports
 
-    from helpers import cli_env
-
-    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-c", code, "resume", "--tracking-uri", uri, "0123456789abcdef"],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
-    assert proc.stderr.strip() == (f"litlab resume: error: no run '0123456789abcdef' in the tracking store {uri} "
-                                   "(list them with `litlab runs`)"), proc.stderr
+    status, imported, stderr = run_cli_heavy_imports("resume", "--tracking-uri", uri, "0123456789abcdef", cwd=tmp_path)
+    assert (status, imported) == (2, []), stderr
+    assert stderr.strip() == (f"litlab resume: error: no run '0123456789abcdef' in the tracking store {uri} "
+                                   "(list them with `litlab runs`)"), stderr
 
 
 def test_a_missing_dependency_is_one_line_naming_the_package(tmp_path):

@@ -355,17 +355,11 @@ def test_mlp_width_and_depth_make_a_uniform_mlp():
 def test_a_typo_in_the_space_is_told_before_lightning_is_imported(tmp_path):
     """`litlab sweep` checks the space as `litlab run` checks an experiment before importing
     Lightning (names, arguments, values: 1 s instead of 9 s), then with the classes."""
-    import subprocess
-    import sys
-
-    from helpers import cli_env
+    from helpers import run_cli_heavy_imports
 
     path = write(tmp_path, _space(optim__lr={"type": "float", "low": 1e-3, "high": 0.1},
                                   model__dropout={"type": "float", "low": 0.0, "high": 1.5}))
-    code = ("import sys\nfrom litlab.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
-    proc = subprocess.run([sys.executable, "-c", code, "sweep", str(path)], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
-    assert proc.stderr.strip() == ("litlab sweep: error: space.model.dropout: high=1.5 is invalid for mlp_digits.yaml: "
-                                   "model.dropout: 1.5 is out of range: must be >= 0 and < 1"), proc.stderr
+    status, imported, stderr = run_cli_heavy_imports("sweep", str(path), cwd=tmp_path)
+    assert (status, imported) == (2, []), stderr
+    assert stderr.strip() == ("litlab sweep: error: space.model.dropout: high=1.5 is invalid for mlp_digits.yaml: "
+                                   "model.dropout: 1.5 is out of range: must be >= 0 and < 1"), stderr
