@@ -294,8 +294,9 @@ def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:
 
 def show(path: str, overrides: list[str] | None = None, *, storage: str | None = None,
          study_name: str | None = None) -> None:
-    """`litlab sweep SWEEP.yaml --show`: the study's state, without running anything."""
-    spec = load_spec(path, overrides)
+    """`litlab sweep SWEEP.yaml --show`: the study's state, without running anything (the sweep file
+    checked as `litlab run` checks before importing Lightning: nothing here needs the classes)."""
+    spec = load_spec(path, overrides, classes=False)
     url = st.resolve_storage_url(storage or spec.storage)
     name = study_name or spec.name
     try:
