@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from helpers import MLP_DIGITS, QUICK, cli_env, litlab_cmd, metric_steps
+from helpers import MLP_DIGITS, QUICK, cli_env, litlab_cmd, metric_steps, run_cli_heavy_imports
 from litlab import runner
 from litlab.errors import UserError
 
@@ -37,11 +37,16 @@ def test_resume_extends_the_same_run(tracking_uri):
     _assert_no_duplicate_steps(tracking_uri, first.run_id)
 
 
-def test_resume_refuses_model_changes(tracking_uri):
+def test_resume_refuses_model_changes(tracking_uri, tmp_path):
     first = runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=1", "tracking.system_metrics=false"],
                        tracking_uri=tracking_uri)
     with pytest.raises(UserError, match="config hash"):
         runner.resume(first.run_id, ["model.hidden=[64]"], tracking_uri=tracking_uri)
+    # a misspelt override: told from the config in the run's last.ckpt, before Lightning's import
+    status, imported, stderr = run_cli_heavy_imports("resume", "--tracking-uri", tracking_uri, first.run_id,
+                                                     "trainer.max_epoch=3", cwd=tmp_path)
+    assert (status, imported) == (2, ["torch"]), stderr
+    assert stderr.startswith("litlab resume: error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?)"), stderr
 
 
 @pytest.mark.slow

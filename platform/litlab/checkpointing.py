@@ -17,10 +17,15 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from litlab import __version__
+from litlab.checkpoint_files import (  # noqa: F401  (re-exported: reading checkpoints needs no Lightning)
+    ALLOW_EXTERNAL_ENV,
+    LAST,
+    META_KEY,
+    is_litlab_path,
+    load_checkpoint,
+    read_metadata,
+)
 from litlab.errors import UserError
-
-META_KEY = "litlab"
-LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -65,40 +70,6 @@ def checkpoint_callbacks(dirpath: Path, monitor: str, mode: str, save_top_k: int
     last = ModelCheckpoint(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
                            every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=True)
     return best, last
-
-
-ALLOW_EXTERNAL_ENV = "LITLAB_ALLOW_EXTERNAL_CHECKPOINTS"  # `--allow-external-checkpoints`
-
-
-def is_litlab_path(path: str | Path) -> bool:
-    """Inside an mlruns/ directory (where litlab writes and downloads checkpoints)."""
-    return "mlruns" in Path(path).resolve().parts
-
-
-def load_checkpoint(path: str | Path, *, mmap: bool = False, trusted: bool = False) -> dict[str, Any]:
-    """torch.load a checkpoint safely: tensors and plain data only (weights_only=True, never
-    arbitrary pickled code), and a file from outside mlruns/ only when the user allowed it
-    (--allow-external-checkpoints), since a shared checkpoint is code as much as data."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint")
-    if not trusted and not is_litlab_path(path) and os.environ.get(ALLOW_EXTERNAL_ENV) != "1":
-        raise UserError(f"{path} is not under an mlruns/ directory; load a checkpoint from elsewhere only if you "
-                        "trust it, with --allow-external-checkpoints")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint of plain tensors ({type(e).__name__}: {first})") from None
-
-
-def read_metadata(path: str | Path, trusted: bool = False) -> dict[str, Any]:
-    """The litlab block of a checkpoint, memory-mapped so large weights are not read."""
-    ckpt = load_checkpoint(path, mmap=True, trusted=trusted)
-    meta = ckpt.get(META_KEY)
-    if not meta:
-        raise UserError(f"{path}: not a litlab checkpoint (no run metadata)")
-    return meta
 
 
 def find_last_checkpoint(uri: str, run_id: str, checkpoint_dir: str | None) -> Path | None:

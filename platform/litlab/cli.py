@@ -239,14 +239,34 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     _quiet_libraries()
-    from litlab.tracking_store import find_run, resolve_tracking_uri
-
-    find_run(resolve_tracking_uri(args.tracking_uri), args.run_id)  # a wrong id told in ~2 s, not after Lightning's import
+    _precheck_resume(args)
     from litlab import runner
 
     result = runner.resume(args.run_id, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)
     _report(result, args.quiet)
     return 0
+
+
+def _precheck_resume(args) -> None:
+    """Before the ~9 s import of Lightning: the run (a wrong id told after MLflow's import, ~2 s)
+    and the overrides against the config in its own last.ckpt (torch's import, ~2 s more), as
+    `litlab run` checks an experiment; runner.resume checks everything again with the classes."""
+    from pathlib import Path
+
+    from litlab.tracking_store import find_run, resolve_tracking_uri
+
+    run = find_run(resolve_tracking_uri(args.tracking_uri), args.run_id)
+    own_dir = run.data.tags.get("litlab.checkpoint_dir")
+    if not args.overrides or not own_dir or not (Path(own_dir) / "last.ckpt").is_file():
+        return
+    from litlab import config, model_index
+    from litlab.checkpoint_files import LAST, read_metadata
+
+    meta = read_metadata(Path(own_dir) / LAST, trusted=True)  # the run's own directory, as runner.resume trusts it
+    if meta.get("run_id") == args.run_id and isinstance(meta.get("config"), dict):
+        raw = config.load_raw(meta["config"], args.overrides)
+        config.precheck(raw)
+        model_index.check_names_and_arguments(raw)
 
 
 def _report(result, quiet: bool) -> None:
