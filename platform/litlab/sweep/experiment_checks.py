@@ -55,7 +55,7 @@ def _told_for(spec: SweepSpec, key: str, prefix: str, e: UserError) -> ConfigErr
     """The error of one check, told for the space key it names: `space.model.dropot: ...` (a
     misspelt key fails every check, whichever value was being checked)."""
     first = (str(e).splitlines() or [type(e).__name__])[0]
-    named = getattr(e, "key", None)
+    named = str(getattr(e, "key", "")).partition("[")[0]  # model.hidden[1] -> model.hidden
     if key.startswith("space.") and named != key[len("space."):] and named in {p.key for p in spec.space}:
         return ConfigError(f"space.{named}", f"invalid for {spec.experiment.name}: {first}")
     return ConfigError(key, f"{prefix}: {first}")
