@@ -218,13 +218,9 @@ def _quiet_libraries() -> None:
 
 def cmd_run(args) -> int:
     _quiet_libraries()
-    from litlab import config, model_index
+    from litlab import early_checks
 
-    # The file, the overrides, litlab's own sections and the model's and data's names, argument
-    # names and values, before the ~10 s import of Lightning: a typo there is one line at once.
-    raw = config.load_raw(args.experiment, args.overrides)
-    config.precheck(raw)
-    model_index.check_names_and_arguments(raw)
+    early_checks.check_experiment(args.experiment, args.overrides)  # a typo: one line at once
     from litlab import runner
 
     if args.dry_run:
@@ -239,34 +235,14 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     _quiet_libraries()
-    _precheck_resume(args)
+    from litlab import early_checks
+
+    early_checks.check_resume(args.run_id, args.overrides, args.tracking_uri)
     from litlab import runner
 
     result = runner.resume(args.run_id, args.overrides, tracking_uri=args.tracking_uri, verbose=not args.quiet)
     _report(result, args.quiet)
     return 0
-
-
-def _precheck_resume(args) -> None:
-    """Before the ~9 s import of Lightning: the run (a wrong id told after MLflow's import, ~2 s)
-    and the overrides against the config in its own last.ckpt (torch's import, ~2 s more), as
-    `litlab run` checks an experiment; runner.resume checks everything again with the classes."""
-    from pathlib import Path
-
-    from litlab.tracking_store import find_run, resolve_tracking_uri
-
-    run = find_run(resolve_tracking_uri(args.tracking_uri), args.run_id)
-    own_dir = run.data.tags.get("litlab.checkpoint_dir")
-    if not args.overrides or not own_dir or not (Path(own_dir) / "last.ckpt").is_file():
-        return
-    from litlab import config, model_index
-    from litlab.checkpoint_files import LAST, read_metadata
-
-    meta = read_metadata(Path(own_dir) / LAST, trusted=True)  # the run's own directory, as runner.resume trusts it
-    if meta.get("run_id") == args.run_id and isinstance(meta.get("config"), dict):
-        raw = config.load_raw(meta["config"], args.overrides)
-        config.precheck(raw)
-        model_index.check_names_and_arguments(raw)
 
 
 def _report(result, quiet: bool) -> None:

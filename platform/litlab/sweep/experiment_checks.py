@@ -63,11 +63,9 @@ def _told_for(spec: SweepSpec, key: str, prefix: str, e: UserError) -> ConfigErr
 
 def _check_before_import(spec: SweepSpec, overrides: list[str]) -> None:
     """What `litlab run` checks before the import of Lightning (model_index: names, arguments, values)."""
-    from litlab import config, model_index
+    from litlab.early_checks import check_experiment
 
-    raw = config.load_raw(spec.experiment, overrides)
-    config.precheck(raw)
-    model_index.check_names_and_arguments(raw)
+    check_experiment(spec.experiment, overrides)
 
 
 def _check_with_the_classes(spec: SweepSpec, overrides: list[str]) -> None:
