@@ -24,11 +24,11 @@ export PYTHONPATH="platform${PYTHONPATH:+:$PYTHONPATH}" HF_DATASETS_OFFLINE=1 HF
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
 SHORT=()  # SMOKE: after each benchmark's own arguments, so they win (1 epoch is timed beside the warm-up and the profiled one)
-RESNET_REPEATS=2 PAIRED=2
+RESNET_REPEATS=2 PAIRED=2 GPT_REPEATS=2
 if [ "${SMOKE:-0}" = 1 ]; then
   COMMON=(--smoke --device cpu)
   SHORT=(--epochs 3)
-  RESNET_REPEATS=1 PAIRED=1  # the code paths, not the figures
+  RESNET_REPEATS=1 PAIRED=1 GPT_REPEATS=1  # the code paths, not the figures
 else
   COMMON=(--device cuda)
   "$PYTHON" -c 'import sys, torch; torch.cuda.is_available() or sys.exit("gpu_all.sh: no CUDA device (SMOKE=1 checks the code paths on a CPU)"); print("gpu_all.sh:", torch.cuda.get_device_name(), "torch", torch.__version__, file=sys.stderr)' || exit 1
@@ -63,7 +63,7 @@ if [[ " $BENCHES " == *" resnet "* ]]; then
   resnet=$?
 fi
 if [[ " $BENCHES " == *" gpt2 "* ]]; then
-  run 90 gpu_gpt2 --repeats 2 --startup --bench gpt2:default
+  run 90 gpu_gpt2 --repeats "$GPT_REPEATS" --startup --bench gpt2:default
   gpt2=$?
 fi
 if [[ " $BENCHES " == *" compile "* ]]; then
