@@ -50,3 +50,14 @@ def test_online_experiment_validates_offline(path):
     """Experiments that download their data (experiments/**/online/) validate without the network."""
     cfg = runner.load_config(path)
     assert cfg.model["name"] and cfg.data["name"]
+
+
+def test_the_early_checks_accept_every_experiment_and_its_full_config():
+    """`litlab run` checks names, arguments and values from the source before importing Lightning:
+    it must pass every experiment file (online ones too), and the fully resolved config of each
+    (every argument with its value, as a checkpoint stores it for `litlab resume`)."""
+    from litlab.early_checks import check_experiment
+
+    for path in [*EXPERIMENTS, *ONLINE_EXPERIMENTS]:
+        check_experiment(path, [])
+        check_experiment(runner.load_config(path).to_dict(), [])
