@@ -363,3 +363,17 @@ def test_a_typo_in_the_space_is_told_before_lightning_is_imported(tmp_path):
     assert (status, imported) == (2, []), stderr
     assert stderr.strip() == ("litlab sweep: error: space.model.dropout: high=1.5 is invalid for mlp_digits.yaml: "
                                    "model.dropout: 1.5 is out of range: must be >= 0 and < 1"), stderr
+
+
+def test_litlab_sweep_checks_with_the_classes_too(tmp_path, capsys):
+    """What only a model's constructor knows (MLP width without depth) still stops `litlab sweep`
+    before any trial: the second pass of the checks, after the import of Lightning."""
+    from litlab.cli import main
+
+    path = write(tmp_path, _space(model__width={"type": "int", "low": 8, "high": 64}))
+    assert main(["sweep", str(path), "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("litlab sweep: error: space.model.width: low=8 is invalid for mlp_digits.yaml: "
+                           "model.depth: is required when model.width is set"), line
+    assert not (tmp_path / "optuna.db").exists()  # no study was made

@@ -127,16 +127,17 @@ def sweep(path: str, overrides: list[str] | None = None, *, n_trials: int | None
           gpus_per_trial: int | None = None, quiet: bool = False) -> SweepResult:
     from multiprocessing import forkserver
 
-    load_spec(path, overrides, classes=False)  # a typo told in 0.5 s, before any import of Lightning
+    spec = load_spec(path, overrides, classes=False)  # a typo told in 0.5 s, before any import of Lightning
     ctx = _context()
     # Then, before this process imports Lightning (~5-10 s): the forkserver's preload imports then
-    # run beside this process's own, on another core, while it validates the sweep fully.
+    # run beside this process's own, on another core, while it checks the sweep with the classes.
     forkserver.ensure_running()
     from litlab import runner
+    from litlab.sweep.experiment_checks import check_against_experiment
     from litlab.sweep.trial import TrialJob, run_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # litlab prints its own one line per trial
-    spec = load_spec(path, overrides)
+    check_against_experiment(spec, before_import=False)
     if n_trials is not None:
         if n_trials < 1:
             raise UserError("--n-trials: must be >= 1")

@@ -13,12 +13,24 @@ from litlab.sweep.spec import SweepSpec, objective_overrides
 from litlab.sweep.values import format_value, to_overrides
 
 
-def check_against_experiment(spec: SweepSpec, classes: bool = True) -> None:
+def check_against_experiment(spec: SweepSpec, before_import: bool = True, classes: bool = True) -> None:
     """Every space key and value must be valid for the base experiment, so that no trial fails on a
     config mistake: the bounds and every choice, each with an activating value of its parents and
     the other active params at a typical value (nesterov=true needs the momentum set, ...). All of
-    them first as `litlab run` checks before importing Lightning (0.5 s for a typo), then (if
-    `classes`) with the model and data classes."""
+    them first as `litlab run` checks before importing Lightning (0.5 s for a typo), then with the
+    model and data classes (each pass if asked)."""
+    passes = [check for check, asked in ((_check_before_import, before_import), (_check_with_the_classes, classes))
+              if asked]
+    for check_all in passes:
+        for key, prefix, overrides in _configs_to_check(spec):
+            try:
+                check_all(spec, overrides)
+            except UserError as e:
+                raise _told_for(spec, key, prefix, e) from None
+
+
+def _configs_to_check(spec: SweepSpec) -> list[tuple[str, str, list[str]]]:
+    """(the key an error is told for, its prefix, the overrides of the base experiment to check)."""
     checks = [("experiment", str(spec.experiment), [])]
     base = spec.overrides + objective_overrides(spec)
     checks.append(("overrides", f"invalid for {spec.experiment.name}", base))
@@ -43,12 +55,7 @@ def check_against_experiment(spec: SweepSpec, classes: bool = True) -> None:
                 raise ConfigError(f"space.{p.key}", "can never be active: its when conditions (and its parents') contradict")
             label += "".join(f" (with {k}={format_value(x)})" for k, x in pinned.items() if k != p.key)
             checks.append((f"space.{p.key}", f"{label} is invalid for {spec.experiment.name}", base + to_overrides(values)))
-    for check_all in (_check_before_import, _check_with_the_classes) if classes else (_check_before_import,):
-        for key, prefix, overrides in checks:
-            try:
-                check_all(spec, overrides)
-            except UserError as e:
-                raise _told_for(spec, key, prefix, e) from None
+    return checks
 
 
 def _told_for(spec: SweepSpec, key: str, prefix: str, e: UserError) -> ConfigError:

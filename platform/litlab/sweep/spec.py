@@ -210,7 +210,7 @@ def _parse(raw: dict, path: Path, classes: bool = True) -> SweepSpec:
             raise ConfigError(which, f"{getattr(spec, which)['name']}: {str(e).strip().splitlines()[0]}") from None
     from litlab.sweep.experiment_checks import check_against_experiment
 
-    check_against_experiment(spec, classes)
+    check_against_experiment(spec, classes=classes)
     return spec
 
 
