@@ -27,10 +27,13 @@ def check_resume(run_id: str, overrides: list[str], tracking_uri: str | None) ->
 
     run = find_run(resolve_tracking_uri(tracking_uri), run_id)
     own_dir = run.data.tags.get("litlab.checkpoint_dir")
-    if not overrides or not own_dir or not (Path(own_dir) / "last.ckpt").is_file():
+    if not overrides or not own_dir:
         return
     from litlab.checkpoint_files import LAST, read_metadata
 
-    meta = read_metadata(Path(own_dir) / LAST, trusted=True)  # the run's own directory, as runner.resume trusts it
+    last = Path(own_dir) / LAST
+    if not last.is_file():  # only in the artifacts: runner.resume downloads it, then checks
+        return
+    meta = read_metadata(last, trusted=True)  # the run's own directory, as runner.resume trusts it
     if meta.get("run_id") == run_id and isinstance(meta.get("config"), dict):
         check_experiment(meta["config"], overrides)
