@@ -124,6 +124,17 @@ def test_reproduce_command_round_trips_through_shlex():
     assert report.reproduce_command("e.yaml", [], []) == "litlab run e.yaml"
 
 
+def test_the_experiment_is_shown_relative_only_inside_the_working_directory(tmp_path, monkeypatch):
+    inside, outside = tmp_path / "work", tmp_path / "elsewhere"
+    (inside / "experiments").mkdir(parents=True)
+    outside.mkdir()
+    monkeypatch.chdir(inside)
+    assert report.shown_path(inside / "experiments" / "e.yaml") == "experiments/e.yaml"
+    assert report.shown_path("experiments/e.yaml") == "experiments/e.yaml"
+    assert report.shown_path(outside / "e.yaml") == str(outside / "e.yaml")  # not ../elsewhere/e.yaml
+    assert report.shown_path(tmp_path / "..work.yaml") == str(tmp_path / "..work.yaml")
+
+
 # study_summary -----------------------------------------------------------------------------------
 def test_summary_single_and_multi_objective():
     s = report.study_summary(make_study())

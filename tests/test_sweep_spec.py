@@ -232,7 +232,9 @@ def test_suggest_honours_conditions_bounds_and_steps(tmp_path):
         assert set(trial.params) == set(v)
         assert 1e-4 <= v["optim.lr"] <= 1e-1 and 8 <= v["model.width"] <= 64 and 1 <= v["model.depth"] <= 3
         assert isinstance(v["model.width"], int) and isinstance(v["optim.nesterov" if "optim.nesterov" in v else "model.depth"], (bool, int))
-        assert abs(v["model.dropout"] * 10 - round(v["model.dropout"] * 10)) < 1e-9 and 0 <= v["model.dropout"] <= 0.5
+        # on the grid, exactly as written (0.3, not Optuna's 0.30000000000000004), and Optuna's own value
+        assert v["model.dropout"] in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5) and abs(trial.params["model.dropout"] - v["model.dropout"]) < 1e-12
+        assert all(len(o) < 40 for o in sp.to_overrides({"model.dropout": v["model.dropout"]}))
         assert v["data.batch_size"] % 16 == 0 and 16 <= v["data.batch_size"] <= 128
         study.tell(trial, float(i % 7))
     assert seen == {"adam", "sgd"}

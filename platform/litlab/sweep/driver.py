@@ -287,7 +287,7 @@ def print_report(study: optuna.Study, spec: SweepSpec, best: list) -> None:
     console.print(report.best_trials_table(study, spec.metrics))
     if best:
         top = best[0]
-        experiment = os.path.relpath(spec.experiment)
+        experiment = report.shown_path(spec.experiment)
         overrides = top.user_attrs.get("litlab.overrides", [])
         console.print(f"reproduce the best trial (#{top.number}):", style="bold")
         console.print(report.reproduce_command(experiment, [], overrides), soft_wrap=True, markup=False)

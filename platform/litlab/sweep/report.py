@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shlex
 import tempfile
@@ -112,6 +113,15 @@ def reproduce_command(experiment_path: str, fixed_overrides: list[str], params_o
     the rest, e.g. 'model.hidden=[128, 64]'; shlex.split gives back the exact argv."""
     argv = ["litlab", "run", str(experiment_path), *fixed_overrides, *params_overrides]
     return " ".join(shlex.quote(tok) for tok in argv)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies inside it, else absolute (a command to
+    copy reads better as /data/e.yaml than as ../../data/e.yaml)."""
+    relative = os.path.relpath(path)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return os.path.abspath(path)
+    return relative
 
 
 def study_summary(study) -> dict[str, Any]:

@@ -335,7 +335,9 @@ def suggest(trial: optuna.trial.BaseTrial, spec: SweepSpec) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for p in (p for p in spec.space if p.active(values)):
         if p.type == "float":
-            values[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+            value = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+            # Optuna's grid point low + k * step may be 0.30000000000000004: the run gets 0.3
+            values[p.key] = tidy(value) if p.step else value
         elif p.type == "int":
             values[p.key] = trial.suggest_int(p.key, p.low, p.high, step=p.step or 1, log=p.log)
         else:
