@@ -53,22 +53,44 @@ def startup_time(args) -> dict:
             print(f"start-up probe failed: {p.stderr.strip()[-500:]}", file=sys.stderr)
             out["run_to_first_step_s"] = float("nan")
         else:
-            out["run_to_first_step_s"] = float(p.stdout.strip().splitlines()[-1]) - t0
+            marks = json.loads(p.stdout.strip().splitlines()[-1])  # {phase: time.time() at its end}
+            out["run_to_first_step_s"] = marks["first batch"] - t0
+            out["run_phases_s"] = phase_durations(t0, marks)
     return out
 
 
-# `litlab run` in a fresh interpreter, stopped at its first training step (which prints the time).
+def phase_durations(t0: float, marks: dict[str, float]) -> dict[str, float]:
+    """Seconds each start-up phase took, from the wall-clock times at which each ended (in order)."""
+    durations, last = {}, t0
+    for phase, end in marks.items():
+        durations[phase], last = end - last, end
+    return durations
+
+
+# `litlab run` in a fresh interpreter, stopped at its first training step; prints, as JSON, when
+# each phase ended: "imports" (interpreter, Lightning, litlab's runner), "run set-up" (config checks,
+# the tracking run, the Trainer, DataModule.setup: up to the callbacks' setup), "model to device"
+# (and the optimisers: on_fit_start), "sanity check" (on_train_start), "first batch" (its fetch).
 FIRST_STEP_PROBE = """
-import sys, time
+import json, sys, time
 import lightning as L
 from litlab import runner
+
+marks = {"imports": time.time()}
 
 class FirstStepReached(Exception):
     pass
 
 class FirstStep(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        marks["run set-up"] = time.time()
+    def on_fit_start(self, trainer, pl_module):
+        marks["model to device"] = time.time()
+    def on_train_start(self, trainer, pl_module):
+        marks["sanity check"] = time.time()
     def on_train_batch_start(self, trainer, *args):
-        print(time.time(), flush=True)
+        marks["first batch"] = time.time()
+        print(json.dumps(marks), flush=True)
         raise FirstStepReached  # not KeyboardInterrupt: Lightning would exit(1) on it
 
 acc = "gpu" if sys.argv[3].startswith("cuda") else "cpu"
@@ -129,6 +151,8 @@ def markdown(rows: list[dict], startup: dict | None) -> str:
         lines.append(f"start-up: `litlab --help` {startup['litlab_help_s']:.2f} s, `litlab models` "
                      f"{startup['litlab_models_s']:.2f} s, `litlab run` to the first training step "
                      f"{startup['run_to_first_step_s']:.2f} s")
+        if startup.get("run_phases_s"):
+            lines[-1] += " (" + "; ".join(f"{phase} {s:.2f} s" for phase, s in startup["run_phases_s"].items()) + ")"
     return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,14 @@ def test_the_profiled_epoch_splits_a_step_into_its_ops_and_the_rest():
     assert clock.epoch_rates == [pytest.approx(5 / clock.seconds)]  # its rate, in samples/s
 
 
+def test_start_up_phases_are_the_gaps_between_their_ends():
+    from bench_report import phase_durations
+
+    marks = {"imports": 105.0, "run set-up": 107.5, "first batch": 107.75}
+    assert phase_durations(100.0, marks) == {"imports": 5.0, "run set-up": 2.5, "first batch": 0.25}
+    assert list(phase_durations(100.0, marks)) == list(marks)  # in the order they happened
+
+
 @pytest.mark.slow
 def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     """benchmarks/gpu_session.sh (what a scarce GPU session runs) at tiny sizes on this CPU: every
@@ -71,6 +79,9 @@ def test_the_one_call_gpu_session_runs_its_code_paths(tmp_path):
     for row in ("| resnet18 | default", "| resnet18 | notrack", "| gpt2 | default", "| gpt2 | compile"):
         assert row in table, table
     assert "first training step nan" not in table and "first training step" in table
+    phases = table.split("first training step", 1)[1].split("\n", 1)[0]  # where the start-up went
+    for phase in ("(imports ", "; run set-up ", "; model to device ", "; sanity check ", "; first batch "):
+        assert phase in phases, phases
     assert " nan " not in table, table  # every side timed at least one step
     assert "- resnet18 default: hand " in table and "; litlab " in table  # the profiled epoch (--profile)
     for row in (line for line in table.splitlines() if line.startswith("| resnet18 |")):
