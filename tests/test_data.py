@@ -107,6 +107,43 @@ def test_stratified_split_is_hf_train_test_split_on_any_dataset():
         stratified_split(lonely, 0.5, 0, column="y")
 
 
+def test_digits_arrays_are_load_digits_with_or_without_its_file(monkeypatch):
+    """digits_arrays reads scikit-learn's file itself; the same arrays as load_digits, and through
+    load_digits (and HF's generator through `datasets`) where the files are not found."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from litlab.data import digits as digits_module, splits
+
+    raw = load_digits()
+    ours = digits_module.digits_arrays()
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None)
+        splits.hf_stratified_index_generator.cache_clear()
+        fallback = digits_module.digits_arrays(), splits.hf_stratified_index_generator()
+    splits.hf_stratified_index_generator.cache_clear()
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices as hf_generator
+
+    assert fallback[1] is hf_generator and splits.hf_stratified_index_generator() is not hf_generator
+    for images, labels in (ours, fallback[0]):
+        assert images.dtype == np.uint8 and labels.dtype == np.int64 and images.shape == (1797, 8, 8)
+        assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
+
+
+def test_digits_set_up_imports_neither_datasets_nor_sklearn():
+    """~0.5 s and ~0.7 s of every digits run's start; hf_splits imports datasets when asked for."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    code = ("import sys; from litlab.data.digits import DigitsDataModule; d = DigitsDataModule(); d.setup(); "
+            "print(sorted({'datasets', 'sklearn'} & set(sys.modules))); print(len(d.hf_splits['test']), 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "270 True"], out
+
+
 def test_digits_shapes_dtypes_and_normalisation(digits):
     x, y = digits.train_set[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == ()

@@ -7,7 +7,11 @@ tests/test_data.py checks the rows against HF's own train_test_split."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -17,14 +21,34 @@ def class_labels(ds, column: str) -> np.ndarray:
     return np.asarray(ds.select_columns([column]).with_format("numpy")[:][column])
 
 
+@functools.cache
+def hf_stratified_index_generator() -> Callable:
+    """HF's `stratified_shuffle_split_generate_indices`, from `datasets/utils/stratify.py` (numpy
+    only) loaded as a file of its own: importing the `datasets` package first would add ~0.7 s to
+    the start of every run on digits, which never needs the rest of it. Where that file is not
+    there, or does not load alone, the package's own import."""
+    spec = importlib.util.find_spec("datasets")  # finds the package without running its __init__
+    path = Path(spec.origin).parent / "utils" / "stratify.py" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        try:
+            file_spec = importlib.util.spec_from_file_location("litlab_hf_stratify", path)
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+            return module.stratified_shuffle_split_generate_indices
+        except Exception:  # a layout this was not written against: the plain import below
+            pass
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    return stratified_shuffle_split_generate_indices
+
+
 def stratified_split_indices(labels: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, test) for a test fraction `test_size` of the rows, every class in both
     in proportion: ceil(test_size * N) test rows, the rest train, shuffled by `seed`."""
-    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-
+    generate_indices = hf_stratified_index_generator()
     n_test = math.ceil(test_size * len(labels))
     try:
-        train, test = next(stratified_shuffle_split_generate_indices(
+        train, test = next(generate_indices(
             np.asarray(labels), len(labels) - n_test, n_test, rng=np.random.default_rng(seed)))
     except ValueError as e:
         if str(e) == "Minimum class count error":  # HF's generator says this; train_test_split words it so
