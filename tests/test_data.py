@@ -144,6 +144,12 @@ def test_digits_set_up_imports_neither_datasets_nor_sklearn():
     assert out.split("\n")[:2] == ["[]", "270 True"], out
 
 
+def test_digits_class_names_are_the_hf_label_names(digits):
+    from litlab.module import class_names
+
+    assert class_names(digits, 10) == digits.hf_splits["train"].features["label"].names == [str(d) for d in range(10)]
+
+
 def test_digits_shapes_dtypes_and_normalisation(digits):
     x, y = digits.train_set[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64 and y.shape == ()

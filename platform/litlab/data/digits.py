@@ -51,6 +51,9 @@ class RandomShift:
         return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
+CLASS_NAMES = tuple(str(d) for d in range(10))  # label i is the digit i
+
+
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images uint8 (1797, 8, 8) in 0..16, labels int64 (1797,). Read from
     the file scikit-learn ships (sklearn/datasets/data/digits.csv.gz: 64 pixels then the label per
@@ -77,7 +80,7 @@ def digits_hf_dataset(arrays: tuple[np.ndarray, np.ndarray] | None = None):
     features = Features({
         "id": Value("int32"),
         "image": Array2D((8, 8), "uint8"),
-        "label": ClassLabel(names=[str(i) for i in range(10)]),
+        "label": ClassLabel(names=list(CLASS_NAMES)),
     })
     return Dataset.from_dict({"id": np.arange(len(labels)), "image": images, "label": labels}, features=features)
 
@@ -85,7 +88,7 @@ def digits_hf_dataset(arrays: tuple[np.ndarray, np.ndarray] | None = None):
 @register_data("digits", description="scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, no download), "
                "via HF datasets; stratified train/val/test split by split_seed")
 class DigitsDataModule(FastLoaderMixin, LitlabDataModule):
-    class_names = tuple(str(d) for d in range(10))  # the HF label feature's names
+    class_names = CLASS_NAMES  # as the HF label feature names them, without building the HF splits
 
     def __init__(
         self,
