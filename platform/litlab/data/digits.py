@@ -14,8 +14,6 @@ Items: `(image float32 (1, image_size, image_size), label int64 ())`.
 from __future__ import annotations
 
 import gzip
-import importlib.util
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -25,7 +23,7 @@ from torch import Tensor
 
 from litlab.data.base import LitlabDataModule
 from litlab.data.memory import FastLoaderMixin, TensorBatchDataset
-from litlab.data.splits import stratified_split_indices
+from litlab.data.splits import package_file, stratified_split_indices
 from litlab.errors import ConfigError
 from litlab.registry import register_data
 from litlab.schema import Range
@@ -59,9 +57,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     the file scikit-learn ships (sklearn/datasets/data/digits.csv.gz: 64 pixels then the label per
     row) as load_digits reads it, in 25 ms instead of the 0.5 s of importing scikit-learn; through
     load_digits where that file is not found."""
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
-    if path is not None and path.is_file():
+    path = package_file("sklearn", "datasets", "data", "digits.csv.gz")
+    if path is not None:
         with gzip.open(path, "rt") as f:
             rows = np.loadtxt(f, delimiter=",")  # (1797, 65)
         return rows[:, :-1].reshape(-1, 8, 8).astype(np.uint8), rows[:, -1].astype(np.int64)

@@ -21,15 +21,22 @@ def class_labels(ds, column: str) -> np.ndarray:
     return np.asarray(ds.select_columns([column]).with_format("numpy")[:][column])
 
 
+def package_file(package: str, *parts: str) -> Path | None:
+    """The file `parts` inside an installed package, found without importing the package (its
+    __init__ may cost a second), or None where the package or the file is not there."""
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent.joinpath(*parts) if spec and spec.origin else None
+    return path if path is not None and path.is_file() else None
+
+
 @functools.cache
 def hf_stratified_index_generator() -> Callable:
     """HF's `stratified_shuffle_split_generate_indices`, from `datasets/utils/stratify.py` (numpy
     only) loaded as a file of its own: importing the `datasets` package first would add ~0.7 s to
     the start of every run on digits, which never needs the rest of it. Where that file is not
     there, or does not load alone, the package's own import."""
-    spec = importlib.util.find_spec("datasets")  # finds the package without running its __init__
-    path = Path(spec.origin).parent / "utils" / "stratify.py" if spec and spec.origin else None
-    if path is not None and path.is_file():
+    path = package_file("datasets", "utils", "stratify.py")
+    if path is not None:
         try:
             file_spec = importlib.util.spec_from_file_location("litlab_hf_stratify", path)
             module = importlib.util.module_from_spec(file_spec)
