@@ -5,6 +5,7 @@ loopback and warns otherwise; a full or unwritable disk is one line before any r
 from __future__ import annotations
 
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,14 +80,44 @@ def test_checkpoints_load_as_plain_tensors_and_external_ones_need_a_flag(tmp_pat
         load_checkpoint(evil)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ui_binds_loopback_and_warns_for_other_hosts(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(cli.os, "execv", lambda exe, cmd: calls.append(cmd))
-    cli.main(["ui"])
+    port = str(_free_port())
+    cli.main(["ui", "--port", port])
     assert calls[-1][calls[-1].index("--host") + 1] == "127.0.0.1"
+    assert calls[-1][calls[-1].index("--port") + 1] == port
     assert "warning" not in capsys.readouterr().err
-    cli.main(["ui", "--host", "0.0.0.0"])
+    cli.main(["ui", "--host", "0.0.0.0", "--port", port])
     assert "warning: listening on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_ui_refuses_an_address_it_cannot_listen_on_in_one_line(monkeypatch, capsys):
+    """MLflow's server exits 0 after logging that the port is in use, and shows a traceback for a
+    port past 65535: litlab tries the address first and never starts it then."""
+    calls = []
+    monkeypatch.setattr(cli.os, "execv", lambda exe, cmd: calls.append(cmd))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, error in [
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is in use (another `litlab ui` or MLflow server?): "
+                                    "choose another with --port N"),
+            (["--port", "99999"], "--port 99999: a port is a number from 1 to 65535"),
+            (["--port", "0"], "--port 0: a port is a number from 1 to 65535"),
+            (["--host", "192.0.2.1"], "--host '192.0.2.1': not an address of this machine (127.0.0.1 for this "
+                                      "machine only, 0.0.0.0 for every interface)"),
+        ]:
+            assert cli.main(["ui", *args]) == 2
+            assert capsys.readouterr().err.splitlines() == [f"litlab ui: error: {error}"]
+    assert calls == []
 
 
 @pytest.mark.parametrize("problem", ["unwritable", "full"])

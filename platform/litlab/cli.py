@@ -303,22 +303,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from litlab.tracking_store import artifact_root, resolve_tracking_uri
+    from litlab.ui_server import serve
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port), "--workers", "1"]
-    root = artifact_root(uri)  # a local SQLite store: artifacts beside it, where litlab's runs put them
-    if root:
-        cmd += ["--default-artifact-root", root]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"litlab ui: warning: listening on {args.host}: anyone who can reach this machine can read (and "
-              "change) your runs; MLflow has no login here", file=sys.stderr)
-    # MLflow's job runner (GenAI jobs and periodic trace tasks, unused by training runs) is 8 more
-    # processes: 1.7 GiB instead of 0.5, and a slower start. The user's own setting wins.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}; Ctrl+C to stop)", file=sys.stderr, flush=True)
-    os.execv(sys.executable, cmd)
+    serve(args.host, args.port, args.tracking_uri)  # returns only by raising: the process becomes MLflow's
     return 0
 
 
