@@ -298,6 +298,10 @@ def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, 
 
     shown = progress.progress_callbacks(t.enable_progress_bar and not quiet, sys.stderr.isatty())
     callbacks = [*callbacks, *shown]
+    if not quiet:
+        from litlab.model_summary import RunModelSummary
+
+        callbacks.append(RunModelSummary())
     # --
     optional = {k: getattr(t, k) for k in ("val_check_interval", "limit_train_batches", "limit_val_batches",
                                           "limit_test_batches", "gradient_clip_val", "benchmark")
@@ -311,7 +315,7 @@ def _build_trainer(cfg: Config, loggers: list, callbacks: list, ckpt_dir: Path, 
             log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
             num_sanity_val_steps=t.num_sanity_val_steps, fast_dev_run=t.fast_dev_run,
             enable_progress_bar=progress.has_bar(shown),
-            enable_model_summary=not quiet,
+            enable_model_summary=False,  # litlab's own table (RunModelSummary above), unless quiet
             logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
             default_root_dir=str(ckpt_dir), profiler=NoProfiler(), **optional)
     except (MisconfigurationException, ValueError, RuntimeError) as e:
