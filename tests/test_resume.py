@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
+from lightning import Callback
 from mlflow import MlflowClient
 
 from helpers import MLP_DIGITS, QUICK, cli_env, litlab_cmd, metric_steps, run_cli_heavy_imports
@@ -49,6 +52,22 @@ def test_resume_refuses_model_changes(tracking_uri, tmp_path):
     assert stderr.startswith("litlab resume: error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?)"), stderr
 
 
+def test_last_checkpoint_is_written_at_every_epoch_end(tracking_uri):
+    """Without every_n_train_steps, last.ckpt is there from the first epoch's end on, holding the
+    epoch just ended: a run killed at any later point resumes from it (Lightning 2.6's own
+    ModelCheckpoint wrote it only when the fit ended)."""
+    seen = []
+
+    class LastAtEpochStart(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            last = Path(trainer.default_root_dir) / "last.ckpt"
+            seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
+
+    runner.run(MLP_DIGITS, QUICK + ["trainer.max_epochs=4", "tracking.system_metrics=false"],
+               tracking_uri=tracking_uri, callbacks=[LastAtEpochStart()])
+    assert seen == [None, 0, 1, 2]
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
     epochs = 20
@@ -74,6 +93,8 @@ def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    killed_after = torch.load(last, weights_only=False, map_location="cpu")["epoch"]
+    assert killed_after < epochs - 1, "killed after the fit, not in it"
     c = MlflowClient(tracking_uri=tracking_uri)
     assert c.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so; resume takes it over
 

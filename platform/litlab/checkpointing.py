@@ -61,14 +61,26 @@ class RunMetadata(Callback):
             raise UserError(f"checkpoint belongs to run {meta.get('run_id')}, not {self.meta['run_id']}")
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt at the end of every training epoch, and every N training steps when asked.
+
+    A ModelCheckpoint keeping no top-k (save_top_k=0, save_last=True) writes last.ckpt at an epoch's
+    end only if it saved a top-k checkpoint at the same step (Lightning 2.6), that is never: a run
+    killed mid-fit had no last.ckpt to resume from. This one writes it at every epoch end."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # e.g. saved at this step already
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def checkpoint_callbacks(dirpath: Path, monitor: str, mode: str, save_top_k: int,
                          every_n_train_steps: int | None) -> tuple[ModelCheckpoint, ModelCheckpoint]:
     """`best`: top-k on the monitored metric at validation end. `last`: last.ckpt at every epoch
     end, and every N training steps when asked (so a kill loses at most N steps)."""
     best = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}-step{step}", monitor=monitor,
                            mode=mode, save_top_k=save_top_k, auto_insert_metric_name=False)
-    last = ModelCheckpoint(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
-                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=True)
+    last = LastCheckpoint(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
+                          every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=True)
     return best, last
 
 
