@@ -149,8 +149,7 @@ def test_scheduler_applies_to_every_param_group_with_its_own_floor():
         opt.step()
         s.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.001])
-    state = s.state_dict()  # callable objects are saved (lambdas would not be)
-    assert state["lr_lambdas"][0]["min_ratio"] == pytest.approx(0.1)
+    assert [m.min_ratio for m in s.lr_lambdas] == pytest.approx([0.1, 0.1])  # min_lr / each group's lr
 
 
 @pytest.mark.parametrize(
@@ -170,3 +169,26 @@ def test_scheduler_applies_to_every_param_group_with_its_own_floor():
 def test_nonsense_schedules_are_config_errors(kw, total, epochs, match):
     with pytest.raises(ConfigError, match=match):
         sched(total=total, epochs=epochs, **kw)
+
+
+def test_a_checkpoint_restores_the_step_reached_and_the_config_gives_the_schedule():
+    """Resuming with the same length continues the same rates exactly; with more epochs the
+    schedule is the longer run's (torch's LambdaLR restored the old horizon: a 3-epoch cosine
+    resumed to 6 epochs trained its last 3 at lr 0)."""
+    opt, s = sched("cosine", total=10, lr=0.1)
+    lrs(opt, s, 6)  # 6 optimiser steps taken
+    saved_opt, saved = opt.state_dict(), s.state_dict()
+    assert "lr_lambdas" not in saved
+    straight_on = lrs(opt, s, 5)
+
+    same_opt, same = sched("cosine", total=10, lr=0.1)
+    same_opt.load_state_dict(saved_opt)
+    same.load_state_dict(saved)
+    assert lrs(same_opt, same, 5) == straight_on  # bit for bit
+
+    longer_opt, longer = sched("cosine", total=20, epochs=2, lr=0.1)
+    longer_opt.load_state_dict(saved_opt)
+    longer.load_state_dict({**saved, "lr_lambdas": [{"total_steps": 10, "warmup_steps": 0, "min_ratio": 0.0}]})
+    seen = lrs(longer_opt, longer, 15)  # steps 6..20; an old checkpoint's multipliers are ignored
+    assert seen[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 6 / 20)))
+    assert seen[14] == pytest.approx(0.0, abs=1e-12) and all(lr > 0 for lr in seen[:14])

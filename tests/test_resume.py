@@ -3,6 +3,7 @@ also after the training process was SIGKILLed mid-run."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,24 @@ def test_resume_extends_the_same_run(tracking_uri):
     assert sorted(steps["val/acc"]) == sorted(set(steps["val/acc"]))
     assert max(steps["train/loss_step"]) > max(steps_before["train/loss_step"])  # steps continue
     _assert_no_duplicate_steps(tracking_uri, first.run_id)
+    # the cosine schedule (mlp_digits.yaml: lr 3e-3 to 0) is the 4-epoch run's: at the resumed epochs'
+    # starts (logged there) the rate is lr(t) = 3e-3 * (1 + cos(pi t / T)) / 2 with T = 4 epochs,
+    # not the 2-epoch schedule's end (0: the extra epochs trained nothing)
+    lr_key = next(k for k in run.data.metrics if k.startswith("lr-"))
+    history = {m.step: m.value for m in MlflowClient(tracking_uri=tracking_uri).get_metric_history(first.run_id, lr_key)}
+    per_epoch = min(steps_before["val/acc"]) + 1
+    for epoch in (2, 3):
+        t = epoch * per_epoch
+        assert history[t] == pytest.approx(3e-3 * (1 + math.cos(math.pi * t / (4 * per_epoch))) / 2), history
+
+
+def test_resume_needs_epochs_left_and_leaves_a_finished_run_as_it_was(tracking_uri):
+    first = runner.run(MLP_DIGITS, QUICK + ["tracking.system_metrics=false"], tracking_uri=tracking_uri)
+    for epochs in (1, 2):
+        with pytest.raises(UserError, match=f"trainer.max_epochs: run {first.run_id} has trained 2 epochs already; "
+                                            "give more than 2 to train it further"):
+            runner.resume(first.run_id, [f"trainer.max_epochs={epochs}"], tracking_uri=tracking_uri)
+    assert MlflowClient(tracking_uri=tracking_uri).get_run(first.run_id).info.status == "FINISHED"
 
 
 def test_resume_refuses_model_changes(tracking_uri, tmp_path):

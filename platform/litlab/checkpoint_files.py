@@ -41,8 +41,19 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False, trusted: bool = Fal
 
 def read_metadata(path: str | Path, trusted: bool = False) -> dict[str, Any]:
     """The litlab block of a checkpoint, memory-mapped so large weights are not read."""
+    return read_resume_point(path, trusted)[0]
+
+
+def read_resume_point(path: str | Path, trusted: bool = False) -> tuple[dict[str, Any], int]:
+    """The litlab block of a checkpoint and the epochs it has trained in full (Lightning's fit-loop
+    progress: an epoch counts once its training batches ran; the epoch a mid-epoch save is in does
+    not), memory-mapped so large weights are not read."""
     ckpt = load_checkpoint(path, mmap=True, trusted=trusted)
     meta = ckpt.get(META_KEY)
     if not meta:
         raise UserError(f"{path}: not a litlab checkpoint (no run metadata)")
-    return meta
+    try:
+        trained = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        trained = int(ckpt.get("epoch", 0))
+    return meta, trained

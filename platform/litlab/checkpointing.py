@@ -24,6 +24,7 @@ from litlab.checkpoint_files import (  # noqa: F401  (re-exported: reading check
     is_litlab_path,
     load_checkpoint,
     read_metadata,
+    read_resume_point,
 )
 from litlab.errors import UserError
 

@@ -19,8 +19,9 @@ Gradient clipping with a fused optimiser is done by LitlabModule.configure_gradi
 OPTIMISER STEP (the base module registers it with interval="step"). Epoch-valued settings
 (step_size, warmup_epochs) are converted with steps_per_epoch = total_steps / max_epochs. The
 multipliers are plain callable objects (`StepDecay`, `WarmupCosine`): step t -> lr(t) / base_lr,
-testable against their closed forms, and saved in checkpoints by LambdaLR (it stores the __dict__ of
-callable objects, not of lambdas).
+testable against their closed forms. A checkpoint keeps the step reached, not the multipliers: they
+come from the config (`ConfiguredLambdaLR`), so a resumed run given more epochs gets the schedule
+of that length.
 """
 
 from __future__ import annotations
@@ -161,6 +162,36 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+class ConfiguredLambdaLR(LambdaLR):
+    """A LambdaLR whose multipliers come from the run's config, never from a checkpoint: what a
+    checkpoint restores is how far the schedule has gone (last_epoch = optimiser steps taken).
+
+    torch's LambdaLR saves its multiplier objects' fields, horizon included, and loads them back over
+    the ones just built. So `litlab resume RUN trainer.max_epochs=6` of a 3-epoch cosine run kept the
+    3-epoch horizon and trained its extra epochs at min_lr (0 by default). Here the resumed run's
+    rate at step t is that of a run configured with the new length: lr(t) = base_lr * m_new(t). With
+    the length unchanged, m_new = m_old and the resume is exact."""
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("lr_lambdas")
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("lr_lambdas") or [None] * len(self.lr_lambdas)  # checkpoints made before
+        self.__dict__.update({k: v for k, v in state_dict.items() if k != "lr_lambdas"})
+        # the restored optimiser holds the old schedule's rate for this step: set this schedule's
+        for group, base_lr, multiplier in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base_lr * multiplier(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        before, now = (old[0] or {}).get("total_steps"), getattr(self.lr_lambdas[0], "total_steps", None)
+        if before is not None and now is not None and before != now:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"litlab: the learning-rate schedule now spans {now} steps (it spanned {before}); "
+                           f"at step {self.last_epoch} the rate is {self._last_lr[0]:.4g}")
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, total_steps: int, max_epochs: int
 ) -> LRScheduler | None:
@@ -184,7 +215,7 @@ def build_scheduler(
         if cfg.step_size >= max_epochs:
             raise ConfigError(f"{key}.step_size", f"{cfg.step_size} >= trainer.max_epochs {max_epochs}: "
                                                   "the learning rate would never decay")
-        return LambdaLR(optimizer, [StepDecay(cfg.step_size, cfg.gamma, total_steps, max_epochs) for _ in base_lrs])
+        return ConfiguredLambdaLR(optimizer, [StepDecay(cfg.step_size, cfg.gamma, total_steps, max_epochs) for _ in base_lrs])
 
     for lr in base_lrs:
         if cfg.min_lr > lr:
@@ -200,4 +231,4 @@ def build_scheduler(
     elif cfg.name != "cosine":
         raise ConfigError(f"{key}.name", f"{cfg.name!r} is not allowed: choose one of none, step, cosine, "
                                          "warmup_cosine")
-    return LambdaLR(optimizer, [WarmupCosine(total_steps, warmup_steps, cfg.min_lr / lr) for lr in base_lrs])
+    return ConfiguredLambdaLR(optimizer, [WarmupCosine(total_steps, warmup_steps, cfg.min_lr / lr) for lr in base_lrs])

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from litlab import config as config_mod
 from litlab import registry, tracking
 from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_callbacks, find_last_checkpoint,
-                                  read_metadata)
+                                  read_resume_point)
 from litlab.guards import NonFiniteGuard
 from litlab.resume_state import ExactResume
 from litlab.run_io import close_failed, finish_run, finish_wandb, start_system_metrics, wandb_logger
@@ -215,7 +215,7 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
                         f"{tags.get('litlab.checkpoint_dir') or 'no checkpoint dir'} and its artifacts)")
     # the run's own checkpoint directory (its tag, written by litlab) is trusted wherever it is
     own_dir = tags.get("litlab.checkpoint_dir")
-    meta = read_metadata(ckpt, trusted=bool(own_dir) and Path(ckpt).resolve().parent == Path(own_dir).resolve())
+    meta, trained = read_resume_point(ckpt, trusted=bool(own_dir) and Path(ckpt).resolve().parent == Path(own_dir).resolve())
     if meta.get("run_id") != run_id:
         raise UserError(f"{ckpt} belongs to run {meta.get('run_id')}, not {run_id}")
     cfg = load_config(meta["config"], overrides)
@@ -223,10 +223,20 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
         raise UserError("resume: these overrides change the model, data, optimiser or seed (config hash "
                         f"{cfg.identity_hash()} != checkpoint's {meta['config_hash']}); resume only continues "
                         "training (e.g. trainer.max_epochs=...): start a new run with `litlab run` instead")
+    _check_epochs_left(run_id, cfg.trainer.max_epochs, trained, finished=run_info.info.status == "FINISHED")
     return run(cfg, tracking_uri=uri, resume_from=ResumeFrom(run_id, ckpt), verbose=verbose, callbacks=callbacks)
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _check_epochs_left(run_id: str, max_epochs: int | None, trained: int, finished: bool) -> None:
+    """A resume must have epochs to train, unless it finishes a run stopped after its fit (then it
+    only tests); before the Trainer is built, so a finished run keeps its status."""
+    if max_epochs is None or max_epochs < 0 or max_epochs > trained or (max_epochs == trained and not finished):
+        return
+    raise UserError(f"trainer.max_epochs: run {run_id} has trained {trained} epochs already; give more than "
+                    f"{trained} to train it further (e.g. trainer.max_epochs={trained * 2})")
+
+
 class _Announce(Callback):
     """Prints the run id once training really starts (after the optimiser was configured), so a
     user who must resume a killed run has its id, and a config error shows as its one line alone."""
