@@ -212,3 +212,13 @@ def test_ui_serves_the_same_store(tracking_uri, tmp_path):
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("command, required", [("run", "EXPERIMENT.yaml"), ("resume", "RUN_ID"),
+                                               ("sweep", "SWEEP.yaml")])
+def test_a_missing_argument_names_only_what_is_required(command, required, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"litlab {command}: error: the following arguments are "
+                                                        f"required: {required}")  # not key=value: optional

@@ -124,3 +124,36 @@ def test_resume_after_sigkill_mid_run(tracking_uri, tmp_path):
     assert len(steps["val/acc"]) == epochs, sorted(steps["val/acc"])  # every epoch once: no gap, no duplicate
     _assert_no_duplicate_steps(tracking_uri, run_id)
     assert "test/acc" in result.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_says_so_exits_with_the_signals_status_and_resumes(signalled, status, tracking_uri, tmp_path):
+    """Ctrl+C (Lightning turned it into exit 1) and SIGTERM (exit 0, as if it had ended well): the
+    shell's statuses, one line with the resume command, the run KILLED; the resume clears the reason."""
+    cmd = litlab_cmd("run", str(MLP_DIGITS), "--tracking-uri", tracking_uri, *QUICK, "trainer.max_epochs=400",
+                     "tracking.system_metrics=false")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        run_id = next(line.split()[3] for line in proc.stderr if line.startswith("litlab: started run "))
+        last = tmp_path / "mlruns" / "checkpoints" / run_id / "last.ckpt"
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signalled)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == status, rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    how = "interrupted (Ctrl+C)" if signalled == signal.SIGINT else "stopped by SIGTERM"
+    assert rest.strip().splitlines()[-1] == (f"litlab run: {how}; run {run_id} is KILLED: continue it with "
+                                             f"`litlab resume {run_id}`"), rest
+    assert "Traceback" not in rest
+    c = MlflowClient(tracking_uri=tracking_uri)
+    assert c.get_run(run_id).info.status == "KILLED"
+    runner.resume(run_id, ["trainer.max_epochs=" + str(torch.load(last, weights_only=False)["epoch"] + 2)],
+                  tracking_uri=tracking_uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and "litlab.failure_reason" not in run.data.tags

@@ -12,6 +12,7 @@ import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_SIGNALLED = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as a shell reports it
 
 EPILOG = """examples:
   litlab run experiments/mlp/mlp_digits.yaml
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train, validate, then test on the best checkpoint; track params, metrics, "
                                    "checkpoints and plots in one MLflow run.")
     r.add_argument("experiment", metavar="EXPERIMENT.yaml", help="experiment file, e.g. experiments/mlp/mlp_digits.yaml")
-    r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01 model.hidden=[256,128]")
+    r.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted overrides, e.g. optim.lr=0.01 model.hidden=[256,128]")
     tracking_opt(r)
     trust_opts(r)
     r.add_argument("-q", "--quiet", action="store_true", help="print only the run id and the test metrics")
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "metric steps continue). Works after a crash or kill. Overrides may change "
                                    "training length (trainer.max_epochs=...), not the model.")
     s.add_argument("run_id", metavar="RUN_ID")
-    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     tracking_opt(s)
     trust_opts(s)
     s.add_argument("-q", "--quiet", action="store_true")
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "child run under the study's parent run. Rerunning the same command resumes the "
                                    "study up to n_trials in total.")
     w.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. sweeps/mlp_digits.yaml")
-    w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the sweep file (n_trials=5, sampler.seed=1)")
+    w.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted overrides of the sweep file (n_trials=5, sampler.seed=1)")
     w.add_argument("--n-trials", type=int, metavar="N", help="trials in total (default: the sweep file's n_trials)")
     w.add_argument("--workers", type=int, default=1, metavar="K", help="trials at once on this machine, one process each")
     w.add_argument("--storage", metavar="URL", help="Optuna storage: sqlite:///FILE (default sqlite:///mlruns/optuna.db), "
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"litlab {args.command}: training diverged: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit) as e:
+        signalled = _signal_that_stopped(e)
+        if signalled is None:
+            raise  # an exit status somebody chose (argparse's, a command's)
+        print(f"litlab {args.command}: {_stopped_line(signalled, e)}", file=sys.stderr)
+        return EXIT_SIGNALLED[signalled]
     except ModuleNotFoundError as e:
         package = _missing_dependency(e)
         if package is None:
@@ -172,6 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litlab {args.command}: error: this needs the Python package {package!r}, which is not installed: "
               f"pip install {package}{hint}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _signal_that_stopped(e: BaseException) -> str | None:
+    """SIGINT for Ctrl+C (a KeyboardInterrupt, or the exit(1) Lightning makes of one), SIGTERM for
+    Lightning's SIGTERMException (an exit with no status: 0, as if the run had ended well)."""
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return "SIGINT"
+    if isinstance(e, SystemExit) and type(e).__name__ == "SIGTERMException":
+        return "SIGTERM"
+    return None
+
+
+def _stopped_line(signalled: str, e: BaseException) -> str:
+    """What stopped, and what became of the run (litlab.runner marks the exception with it)."""
+    line = "interrupted (Ctrl+C)" if signalled == "SIGINT" else "stopped by SIGTERM"
+    run_id = getattr(e, "litlab_run_id", None)
+    if run_id:
+        line += f"; run {run_id} is KILLED: " + (f"continue it with `litlab resume {run_id}`"
+                                                if getattr(e, "litlab_resumable", False)
+                                                else "it ended before its first checkpoint, nothing to resume")
+    return line
 
 
 def run_as_program() -> None:

@@ -181,6 +181,8 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         return RunResult(run_id, "FINISHED", metrics, best_score, best_path, last_path, uri,
                          _experiment_id(uri, run_id) if use_mlflow and rank == 0 and reached else None, cfg)
     except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) and use_mlflow:  # for the CLI's last line
+            e.litlab_run_id, e.litlab_resumable = run_id, (ckpt_dir / "last.ckpt").exists()
         if rank == 0 and use_mlflow:
             # A config mistake found before any optimiser step (e.g. in configure_optimizers) is not
             # an experiment: remove the run rather than leave a FAILED husk.
@@ -279,6 +281,8 @@ def _attach(uri: str, cfg: Config, run_id: str, tags: dict[str, str]) -> dict[st
     from litlab.redaction import redact
 
     tracking.client(uri).log_text(run_id, redact(cfg.to_yaml()), f"config/resolved_resume{n}.yaml")
+    if "litlab.failure_reason" in prev:  # why the last attempt stopped: not this one's
+        tracking.client(uri).delete_tag(run_id, "litlab.failure_reason")
     return steps
 
 
