@@ -27,6 +27,7 @@ from litlab.checkpoint_files import (  # noqa: F401  (re-exported: reading check
     read_resume_point,
 )
 from litlab.errors import UserError
+from litlab.monitor_check import BestCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -78,8 +79,8 @@ def checkpoint_callbacks(dirpath: Path, monitor: str, mode: str, save_top_k: int
                          every_n_train_steps: int | None) -> tuple[ModelCheckpoint, ModelCheckpoint]:
     """`best`: top-k on the monitored metric at validation end. `last`: last.ckpt at every epoch
     end, and every N training steps when asked (so a kill loses at most N steps)."""
-    best = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}-step{step}", monitor=monitor,
-                           mode=mode, save_top_k=save_top_k, auto_insert_metric_name=False)
+    best = BestCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}-step{step}", monitor=monitor,
+                          mode=mode, save_top_k=save_top_k, auto_insert_metric_name=False)
     last = LastCheckpoint(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=True)
     return best, last

@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -34,6 +34,7 @@ from litlab import registry, tracking
 from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_callbacks, find_last_checkpoint,
                                   read_resume_point)
 from litlab.guards import NonFiniteGuard
+from litlab.monitor_check import CheckedEarlyStopping
 from litlab.resume_state import ExactResume
 from litlab.run_io import close_failed, finish_run, finish_wandb, start_system_metrics, wandb_logger
 from litlab.provenance import device_description, git_info, process_alive, version_tags
@@ -292,7 +293,7 @@ def _optional_callbacks(cfg: Config, loggers: list) -> list:
         out.append(LearningRateMonitor(logging_interval="epoch"))
     es = cfg.callbacks.early_stopping
     if es.enabled:
-        out.append(EarlyStopping(monitor=es.monitor or cfg.callbacks.checkpoint.monitor,
+        out.append(CheckedEarlyStopping(monitor=es.monitor or cfg.callbacks.checkpoint.monitor,
                                  mode=es.mode or cfg.callbacks.checkpoint.mode, patience=es.patience,
                                  min_delta=es.min_delta))
     return out
