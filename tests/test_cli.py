@@ -222,3 +222,16 @@ def test_a_missing_argument_names_only_what_is_required(command, required, capsy
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"litlab {command}: error: the following arguments are "
                                                         f"required: {required}")  # not key=value: optional
+
+
+def test_a_resumed_runs_own_checkpoint_directory_is_not_warned_about():
+    import warnings
+
+    from litlab import cli
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli._quiet_libraries()
+        warnings.warn("Checkpoint directory /x/mlruns/checkpoints/abc exists and is not empty.", UserWarning)
+        warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in seen] == ["something else"]

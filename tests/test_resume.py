@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from helpers import MLP_DIGITS, QUICK, cli_env, litlab_cmd, metric_steps, run_cli_heavy_imports
 from litlab import runner
+from litlab.cli import main
 from litlab.errors import UserError
 
 
@@ -153,7 +154,7 @@ def test_a_stopped_run_says_so_exits_with_the_signals_status_and_resumes(signall
     assert "Traceback" not in rest
     c = MlflowClient(tracking_uri=tracking_uri)
     assert c.get_run(run_id).info.status == "KILLED"
-    runner.resume(run_id, ["trainer.max_epochs=" + str(torch.load(last, weights_only=False)["epoch"] + 2)],
-                  tracking_uri=tracking_uri)
+    more = "trainer.max_epochs=" + str(torch.load(last, weights_only=False)["epoch"] + 2)
+    assert main(["resume", run_id, "--tracking-uri", tracking_uri, more]) == 0
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and "litlab.failure_reason" not in run.data.tags

@@ -242,6 +242,8 @@ def _quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())  # an advert, not information
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # a resumed run's own checkpoint directory holds its checkpoints: that is how it resumes
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def cmd_run(args) -> int:
