@@ -158,3 +158,17 @@ def test_a_stopped_run_says_so_exits_with_the_signals_status_and_resumes(signall
     assert main(["resume", run_id, "--tracking-uri", tracking_uri, more]) == 0
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and "litlab.failure_reason" not in run.data.tags
+
+
+def test_a_sweeps_parent_run_is_not_resumed_but_pointed_to_its_sweep(tracking_uri, capsys):
+    c = MlflowClient(tracking_uri=tracking_uri)
+    parent = c.create_run(c.create_experiment("sweep_exp"), tags={
+        "litlab.sweep": "true", "optuna.study": "mlp_digits_sweep", "litlab.sweep_file": "sweeps/mlp_digits.yaml"})
+    c.set_terminated(parent.info.run_id)
+    capsys.readouterr()  # MLflow's log of making the store
+    line = (f"run {parent.info.run_id} is the parent run of sweep mlp_digits_sweep, not a training run: continue the "
+            "sweep by running `litlab sweep sweeps/mlp_digits.yaml` again, or resume one of its trials")
+    assert main(["resume", parent.info.run_id, "--tracking-uri", tracking_uri]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"litlab resume: error: {line}"]
+    with pytest.raises(UserError, match="is the parent run of sweep mlp_digits_sweep"):
+        runner.resume(parent.info.run_id, tracking_uri=tracking_uri)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from litlab.errors import UserError
+
 
 def check_experiment(source: str | Path | dict, overrides: list[str] | dict | None) -> dict[str, Any]:
     """`litlab run` (and every config a sweep will try): the raw config, checked; raises UserError."""
@@ -26,6 +28,7 @@ def check_resume(run_id: str, overrides: list[str], tracking_uri: str | None) ->
     from litlab.tracking_store import find_run, resolve_tracking_uri
 
     run = find_run(resolve_tracking_uri(tracking_uri), run_id)
+    refuse_sweep_parent(run_id, run.data.tags)
     own_dir = run.data.tags.get("litlab.checkpoint_dir")
     if not overrides or not own_dir:
         return
@@ -37,3 +40,11 @@ def check_resume(run_id: str, overrides: list[str], tracking_uri: str | None) ->
     meta = read_metadata(last, trusted=True)  # the run's own directory, as runner.resume trusts it
     if meta.get("run_id") == run_id and isinstance(meta.get("config"), dict):
         check_experiment(meta["config"], overrides)
+
+
+def refuse_sweep_parent(run_id: str, tags: dict[str, str]) -> None:
+    """A sweep's parent run holds its trials, not a training run with checkpoints to resume."""
+    if tags.get("litlab.sweep") == "true":
+        raise UserError(f"run {run_id} is the parent run of sweep {tags.get('optuna.study', '?')}, not a training "
+                        f"run: continue the sweep by running `litlab sweep {tags.get('litlab.sweep_file', 'SWEEP.yaml')}`"
+                        " again, or resume one of its trials")

@@ -33,6 +33,7 @@ from litlab import config as config_mod
 from litlab import registry, tracking
 from litlab.checkpointing import (AtomicCheckpointIO, RunMetadata, checkpoint_callbacks, find_last_checkpoint,
                                   read_resume_point)
+from litlab.early_checks import refuse_sweep_parent
 from litlab.guards import NonFiniteGuard
 from litlab.monitor_check import CheckedEarlyStopping
 from litlab.resume_state import ExactResume
@@ -212,6 +213,7 @@ def resume(run_id: str, overrides: list[str] | dict | None = None, *, tracking_u
 
     if spool.MetricSpool(spool.default_spool_dir(), run_id).path.exists():
         spool.sync(uri, run_id)  # what the previous process could not send: no gap in the history
+    refuse_sweep_parent(run_id, tags)
     ckpt = find_last_checkpoint(uri, run_id, tags.get("litlab.checkpoint_dir"))
     if ckpt is None:
         raise UserError(f"run {run_id} has no last.ckpt to resume from (looked in "
