@@ -301,3 +301,49 @@ def test_real_runs_compare_confusion_matrix_and_load(tracking_uri, tmp_path, cap
     for r in (a, b):  # the monitored metric's best value (the best checkpoint's) is a metric of its own
         assert c.get_run(r.run_id).data.metrics["best/val/acc"] == pytest.approx(r.best_score)
     assert "*" in _row(out, "best/val/acc (max)")  # compared in the monitor's direction
+
+
+# ------------------------------------------------------------------------------------ what the errors say
+def test_a_prefix_that_matches_no_run_says_so(fake_store, capsys):
+    uri, ids = fake_store
+    assert main(["compare", "ffffffffff", ids["adam-fast"][:6], "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run whose id starts with 'ffffffffff' in " in err[0], err  # not "matches 0 runs"
+
+
+def test_an_unknown_metric_lists_the_useful_names_first(fake_store, capsys):
+    """Alphabetically, a real run's names start with a dozen lr-* and system/* ones: cut at 12-15,
+    the list hid test/*, val/* and train/*."""
+    from litlab.metric_names import logged_list
+
+    uri, ids = fake_store
+    for argv in (["runs", "--where", "zzz>1"], ["runs", "--sort", "zzz"],
+                 *(["compare", ids["adam-fast"], ids["cnn"], ids["sweep-parent"], flag, "zzz"]
+                   for flag in ("--plot", "--metric"))):
+        assert main([*argv, "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "logged: test/acc, test/loss, val/acc, val/loss, best_value" in err[0], (argv, err)
+    system = [f"system/{k}" for k in ("cpu_utilization_percentage", "disk_usage_megabytes", "network_receive_megabytes",
+                                      "system_memory_usage_megabytes", "disk_available_megabytes")]
+    lrs = [f"lr-Adam/pg{i}" for i in range(4)] + ["lr-Adam"]
+    useful = ["test/acc", "test/loss", "val/acc", "val/loss", "best/val/acc", "train/loss_step", "train/loss_epoch",
+              "train/acc"]
+    text = logged_list([*system, *lrs, *useful, "epoch"])
+    assert text.startswith("test/acc, test/loss, val/acc, val/loss, best/val/acc, train/acc, train/loss_epoch, "
+                           "train/loss_step, epoch, lr-Adam,") and text.endswith(", ... (4 more)"), text
+    assert logged_list(["system/cpu", "val/acc"]) == "val/acc, system/cpu"  # a short list is shown whole
+
+
+def test_plot_out_without_extension_prints_the_file_written(fake_store, tmp_path, capsys):
+    uri, ids = fake_store
+    out = tmp_path / "outnoext"
+    assert main(["compare", ids["adam-fast"], ids["adam-slow"], "--plot", "val/acc", "--out", str(out),
+                 "--tracking-uri", uri]) == 0
+    assert (tmp_path / "outnoext.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"plot of val/acc for 2 runs: {out}.png"
+    for bad, message in [(tmp_path / "plot.xyz", "cannot write a .xyz file; give a name ending in one of "),
+                         (tmp_path, "is a directory; give a file name")]:
+        assert main(["compare", ids["adam-fast"], "--plot", "val/acc", "--out", str(bad), "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "plot.xyz").exists()

@@ -122,3 +122,35 @@ def test_lean_step_trains_what_lightnings_loop_trains(name, tmp_path):
     assert lean_state.keys() == lightning_state.keys()
     different = [k for k in lean_state if not torch.equal(lean_state[k], lightning_state[k])]
     assert not different, f"{name}: {different[:5]}"
+
+
+def test_models_are_listed_in_course_order_not_as_strings(capsys):
+    """Chapters sorted as strings put 10, 11, 12 between 1-2 and 3."""
+    from litlab.cli import main
+    from litlab.model_index import chapter_order, registered_models
+
+    chapters = list(dict.fromkeys(e.chapter for e in registered_models()))
+    numbers = [int(c.split()[0].split("-")[0]) for c in chapters]
+    assert numbers == sorted(numbers) and numbers[0] == 1 and numbers[-1] >= 10, chapters
+    assert sorted(["10 GNNs", "3 CNNs", "1-2 MLPs", "11 Diffusion", "5-6 Transformers", "appendix"],
+                  key=chapter_order) == ["1-2 MLPs", "3 CNNs", "5-6 Transformers", "10 GNNs", "11 Diffusion", "appendix"]
+    assert main(["models"]) == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [int(n.split("-")[0]) for n in listed] == sorted(int(n.split("-")[0]) for n in listed)
+    assert [e.name for e in registered_models(chapter="graph")] == ["gat", "gcn", "gnn_depth_sweep",
+                                                                   "graph_classifier", "graphsage"]
+
+
+def test_an_unknown_chapter_is_one_line_listing_the_chapters(capsys):
+    """`litlab models --chapter nosuch` printed an empty table with exit status 0."""
+    from litlab.cli import main
+    from litlab.errors import UserError
+    from litlab.model_index import registered_models
+
+    with pytest.raises(UserError, match=r"--chapter 'nosuch': no model's chapter contains it; chapters: "
+                                        r"1-2 MLPs and optimisation, 3 Convolutional networks, .*, 10 "):
+        registered_models(chapter="nosuch")
+    assert main(["models", "--chapter", "nosuch"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("litlab models: error: --chapter 'nosuch': no model's chapter contains it")

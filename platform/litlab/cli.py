@@ -305,7 +305,7 @@ def _report(result, quiet: bool) -> None:
 def cmd_models(args) -> int:
     from litlab.model_index import registered_models  # read from the source: no chapter is imported
 
-    rows = registered_models()
+    rows = registered_models(chapter=args.chapter)
     if args.chapter:
         rows = [e for e in rows if args.chapter.lower() in e.chapter.lower()]
     width = max((len(e.name) for e in rows), default=4)
@@ -350,7 +350,7 @@ def cmd_sweep(args) -> int:
     from litlab.sweep import driver
 
     if args.show:
-        driver.show(args.sweep, args.overrides, storage=args.storage, study_name=args.study)
+        driver.show(args.sweep, args.overrides, storage=args.storage, study_name=args.study, n_trials=args.n_trials)
         return 0
     driver.sweep(args.sweep, args.overrides, n_trials=args.n_trials, workers=args.workers, storage=args.storage,
                  study_name=args.study, tracking_uri=args.tracking_uri, gpus_per_trial=args.gpus_per_trial,

@@ -53,7 +53,9 @@ def find_runs(c, run_ids: list[str] | None, experiment: str | None, limit: int =
                 ids = [e.experiment_id for e in c.search_experiments()]
                 everything = c.search_runs(ids, max_results=5000) if ids else []
             hits = [r for r in everything if r.info.run_id.startswith(rid)]
-            if len(hits) != 1:
+            if not hits:
+                raise UserError(f"no run whose id starts with {rid!r} in {uri} (list them with `litlab runs`)")
+            if len(hits) > 1:
                 raise UserError(f"run id prefix {rid!r} matches {len(hits)} runs in {uri}; give more characters")
             run = hits[0]
         else:
@@ -190,10 +192,32 @@ def metric_figure(c, runs, metric: str):
     return fig
 
 
+def plot_path(out: str) -> str:
+    """The file --plot writes for `--out out`: a name without an extension gets .png (as matplotlib
+    would add it: the path printed is the one written); a format matplotlib cannot write, or a
+    directory, is a UserError."""
+    import os
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise UserError(f"--out: {out} is a directory; give a file name, e.g. {os.path.join(out, 'plot.png')}")
+    ext = os.path.splitext(out)[1][1:].lower()
+    if not ext:
+        return out.rstrip(".") + ".png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise UserError(f"--out {out}: cannot write a .{ext} file; give a name ending in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
+
+
 def plot_metric(c, runs, metric: str, out: str) -> str:
-    """metric_figure() written to `out` (PNG); returns the path."""
+    """metric_figure() written to `out` (PNG unless its extension names another format); returns the
+    path written."""
     import matplotlib.pyplot as plt
 
+    out = plot_path(out)
     fig = metric_figure(c, runs, metric)
     try:
         fig.savefig(out, dpi=120)
@@ -208,7 +232,9 @@ def _did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, sorted(choices), n=3)
     if close:
         return f"; did you mean {' or '.join(close)}?"
-    return f"; logged: {', '.join(sorted(choices)[:12])}" if choices else ""
+    from litlab.metric_names import logged_list
+
+    return f"; logged: {logged_list(choices)}" if choices else ""
 
 
 # ------------------------------------------------------------------------------------ command
@@ -228,8 +254,7 @@ def compare(run_ids: list[str] | None, experiment: str | None, tracking_uri: str
     runs = find_runs(c, run_ids, experiment, limit, uri)
     data = comparison(runs, metrics)
     if plot:  # check the metric before printing anything
-        out = out or f"compare_{re.sub(r'[^A-Za-z0-9_.-]+', '_', plot)}.png"
-        plot_metric(c, runs, plot, out)
+        out = plot_metric(c, runs, plot, out or f"compare_{re.sub(r'[^A-Za-z0-9_.-]+', '_', plot)}.png")
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped: no 80-column squeeze

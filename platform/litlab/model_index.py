@@ -281,8 +281,10 @@ def _called_name(func: ast.expr) -> str | None:
     return None
 
 
-def registered_models(root: Path = CHAPTERS) -> list[ModelInfo]:
-    """Every model registered under `root`, sorted by (chapter, name), mostly without imports."""
+def registered_models(root: Path = CHAPTERS, chapter: str | None = None) -> list[ModelInfo]:
+    """Every model registered under `root`, mostly without imports, in course order: by chapter
+    number (1-2, 3, ..., 10, 11, 12, not as strings), then name. `chapter`: only the models whose
+    chapter contains that text (any case); a UserError listing the chapters when none does."""
     index = _SourceIndex(root)
     found: list[ModelInfo] = []
     for path in sorted(root.rglob("*.py")):
@@ -293,7 +295,26 @@ def registered_models(root: Path = CHAPTERS) -> list[ModelInfo]:
         if entries is None:  # not readable from the source: import it and ask the registry
             entries = _imported_entries(module_name(path))
         found.extend(entries)
-    return sorted(found, key=lambda e: (e.chapter, e.name))
+    found.sort(key=lambda e: (chapter_order(e.chapter), e.name))
+    if chapter:
+        chosen = [e for e in found if chapter.lower() in e.chapter.lower()]
+        if not chosen:
+            from litlab.errors import UserError
+
+            chapters = ", ".join(dict.fromkeys(e.chapter for e in found)) or "(none)"
+            raise UserError(f"--chapter {chapter!r}: no model's chapter contains it; chapters: {chapters}")
+        return chosen
+    return found
+
+
+def chapter_order(chapter: str) -> tuple:
+    """'1-2 MLPs' < '3 CNNs' < '10 GNNs': the leading chapter number(s), then the text; unnumbered last."""
+    import re
+
+    m = re.match(r"\s*(\d+)(?:\s*-\s*(\d+))?", chapter)
+    if m is None:
+        return (1, 0, 0, chapter)
+    return (0, int(m.group(1)), int(m.group(2) or m.group(1)), chapter)
 
 
 def _imported_entries(module: str) -> list[ModelInfo]:

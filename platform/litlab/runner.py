@@ -99,7 +99,8 @@ def run(source: str | Path | dict | Config, overrides: list[str] | dict | None =
         cfg.tracking.experiment = experiment
     source_dir = Path(source).resolve().parent if isinstance(source, (str, Path)) else Path.cwd()
     rank = _rank()
-    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    uri = (tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri) if cfg.tracking.mlflow
+           else tracking_uri or cfg.tracking.tracking_uri or "")  # untracked: the URI is unused
     use_mlflow = cfg.tracking.mlflow
     model_entry = registry.get_model(cfg.model["name"])
     data_entry = registry.get_data(cfg.data["name"])

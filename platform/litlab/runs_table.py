@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from litlab.durations import fmt_duration
 from litlab.errors import UserError
+from litlab.metric_names import logged_list
 
 STATUSES = ("FINISHED", "FAILED", "RUNNING", "KILLED", "SCHEDULED")
 METRIC_NAME = r"[A-Za-z_][A-Za-z0-9_./:\-]*"  # no quotes or backticks: safe inside a filter
@@ -106,7 +107,7 @@ def fetch_runs(uri: str, experiment: str | None, limit: int, *, model: str | Non
                 flag = "--sort" if m == sort and m not in [x.metric for x in conditions] else "--where"
                 close = difflib.get_close_matches(m, sorted(known), n=3)
                 hint = f"; did you mean {' or '.join(close)}?" if close else (
-                    f"; logged: {', '.join(sorted(known)[:15])}" if known else "")
+                    f"; logged: {logged_list(known)}" if known else "")
                 raise UserError(f"{flag}: no run logged a metric {m!r}{hint}")
     if model is not None and not runs:
         seen = _logged_models(c, ids)

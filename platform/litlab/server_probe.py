@@ -5,13 +5,18 @@ settings, minutes with MLflow's own), blocking whoever called. litlab asks this 
 calls to an http(s) server (one TCP handshake, every `flush_interval` at most for the metrics): a
 refused connection answers at once, so a run ending during an outage keeps to its `flush_timeout`
 and files go straight to the spool. Only a reachable server gets the real call (and MLflow's
-retries, which still cover its other errors)."""
+retries, which still cover its other errors). tracking_store.client() asks it once more, the first
+time a process opens the store (`litlab runs`, `compare`, `resume`, the start of `run` and `sweep`):
+a server that is not there is then one line at once instead of MLflow's retries and a traceback;
+database servers (PostgreSQL, MySQL) too, which MLflow retries for minutes."""
 
 from __future__ import annotations
 
 import socket
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306}  # mssql is left out: its URIs often name an ODBC DSN
 
 
 def unreachable(uri: str, timeout: float = 2.0) -> str | None:
@@ -27,6 +32,27 @@ def unreachable(uri: str, timeout: float = 2.0) -> str | None:
         return None
     if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
         return None
+    return _connect(host, port, timeout)
+
+
+def database_unreachable(uri: str, timeout: float = 2.0) -> str | None:
+    """The same for a PostgreSQL or MySQL store that names its server's host (None for a Unix socket,
+    several hosts, or another store): asked once when a command opens the store, since MLflow
+    retries a database it cannot reach for minutes before its traceback."""
+    parts = urlsplit(uri)
+    kind = parts.scheme.split("+")[0].lower()
+    if kind not in DATABASE_PORTS or "," in parts.netloc or not parts.hostname:
+        return None
+    if {"host", "hostaddr", "unix_socket", "service"} & set(parse_qs(parts.query)):
+        return None
+    try:
+        port = parts.port or DATABASE_PORTS[kind]
+    except ValueError:
+        return None
+    return _connect(parts.hostname, port, timeout)
+
+
+def _connect(host: str, port: int, timeout: float) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None

@@ -4,7 +4,10 @@
 to the commands that train. `litlab.tracking` re-exports all of it beside its Lightning logger.
 
 - `resolve_tracking_uri()`: --tracking-uri > tracking.tracking_uri > MLFLOW_TRACKING_URI >
-  sqlite:///mlruns/mlflow.db (artifacts beside the DB in mlruns/artifacts).
+  sqlite:///mlruns/mlflow.db (artifacts beside the DB in mlruns/artifacts); a URI MLflow has no
+  store for is one line (tracking_uri.py), for every command.
+- `client()`: the first time a process opens a server's store, one TCP connect (server_probe): a
+  server that does not answer is one line at once, not MLflow's retries and traceback.
 - `start_run()` / `attach_run()` / `end_run()`: create a run with params, tags and the resolved
   config, or re-attach to one for `litlab resume` (same run id).
 """
@@ -24,7 +27,12 @@ _MAX_PARAMS = 100  # MLflow's limit on params per log_batch call
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The store to use; a UserError (one line) for a URI MLflow has no store for (tracking_uri.py)."""
+    from litlab.tracking_uri import check_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit or env or DEFAULT_TRACKING_URI
+    check_tracking_uri(uri, " (from MLFLOW_TRACKING_URI)" if not explicit and env else "")
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_absolute():  # pin it so DDP children and `litlab resume` see the same store
@@ -37,6 +45,7 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 _ready: set[str] = set()
+_answered: set[str] = set()  # stores whose server accepted a connection in this process
 
 
 # MLflow's REST client retries a failed call for minutes (7 retries, back-off factor 2), blocking
@@ -46,12 +55,32 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
-def client(uri: str):
-    from mlflow import MlflowClient
+def check_answers(uri: str) -> None:
+    """A UserError (one line) if the store's server (http(s), PostgreSQL, MySQL) does not accept a
+    connection now; asked once per store and process (no MLflow import: one TCP connect)."""
+    if uri in _answered:
+        return
+    from litlab.server_probe import database_unreachable, unreachable
 
+    reason = unreachable(uri) or database_unreachable(uri)
+    if reason:
+        from litlab.errors import UserError
+        from litlab.tracking_uri import unreachable_line
+
+        raise UserError(unreachable_line(uri, reason))
+    _answered.add(uri)
+
+
+def client(uri: str):
+    """An MlflowClient of the store. The first time a process opens a server's store (http(s),
+    PostgreSQL, MySQL), a server that does not answer is a UserError at once (check_answers): one
+    line, before MLflow's import and its retries, before any run exists. Later calls leave an
+    outage to their callers (check_reachable, the spool)."""
+    check_answers(uri)
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+    from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///") and uri not in _ready:
         from litlab.sqlite_template import ensure_store

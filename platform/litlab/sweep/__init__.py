@@ -5,6 +5,9 @@ storage.py  Optuna storage by URL (sqlite, journal file, any RDB), the budget lo
 trial.py    one trial in its own process: ask, suggest, runner.run with pruning, tell; DDP followers
 driver.py   the study loop: parent MLflow run, K worker slots, resume, the end report
 report.py   best-trials table, the command reproducing the best trial, Optuna plots as artifacts
+definition.py  what defines a study's trials (config, metric, space), recorded; a rerun that differs is refused
+stopping.py    Ctrl+C and SIGTERM: trials stopped and retried later, runs ended KILLED, exit 130 / 143
+preload_start.py, freeze.py  first and last of the trial forkserver's preloaded modules
 """
 
 # Set in a DDP trial's environment (JSON: its experiment and overrides): the ranks > 0 Lightning launches

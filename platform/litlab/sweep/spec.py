@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import optuna
 
-from litlab.config import _yaml_load, flatten, parse_override
+from litlab.config import TOP_LEVEL, _yaml_load, flatten, parse_override
 from litlab.errors import ConfigError, UserError, did_you_mean
 from litlab.schema import Range, check
 from litlab.sweep.values import canon, format_value, tidy, to_overrides
@@ -116,7 +116,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, classes: boo
         raise UserError(f"{path}: cannot read: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping (experiment, metric, direction, space, ...), got {type(raw).__name__}")
+    _not_an_experiment(raw, path)
     return _parse(_apply_overrides(raw, overrides or []), p, classes)
+
+
+def _not_an_experiment(raw: dict, path: str | Path) -> None:
+    """An experiment file given to `litlab sweep` (model:, data:, trainer: ... and no space:)."""
+    experiment_keys = [k for k in raw if k in TOP_LEVEL and k not in KEYS]
+    if experiment_keys and "space" not in raw and "experiment" not in raw:
+        raise UserError(f"{path}: this is an experiment file (it has {', '.join(map(str, experiment_keys[:3]))}), not a "
+                        f"sweep file: train it with `litlab run {path}`, or give `litlab sweep` a sweep file that names "
+                        "it as its experiment (see sweeps/*.yaml)")
 
 
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -35,26 +35,33 @@ from litlab.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 HEARTBEAT = "litlab.heartbeat"  # user attr: unix time of the trial process's last beat
-FAILED = "litlab.failed"  # user attr: "retried" | "died" | "error: ..." | "interrupted"
+FAILED = "litlab.failed"  # user attr: "retried" | "died" | "error: ..." | UNLOGGED
+UNLOGGED = "metric not logged"  # a trial that showed the sweep's metric is never logged: not counted
 RETRIES = "litlab.retries"
 
 
 def resolve_storage_url(url: str | None) -> str:
     url = url or DEFAULT_STORAGE
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        path = path if path.is_absolute() else Path.cwd() / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):].removeprefix("//"))
-        path = path if path.is_absolute() else Path.cwd() / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"journal:{path}"
+    for scheme in ("sqlite:///", "journal:"):
+        if url.startswith(scheme):
+            path = Path(url[len(scheme):].removeprefix("//") if scheme == "journal:" else url[len(scheme):])
+            path = path if path.is_absolute() else Path.cwd() / path
+            _make_parent(url, path)
+            return f"{scheme}{path}"
     if "://" not in url:
         raise UserError(f"--storage: {url!r} is not a storage URL; use sqlite:///FILE, journal:FILE or an RDB URL "
                         "such as postgresql+psycopg2://user:pass@host/db")
     return url
+
+
+def _make_parent(url: str, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--storage: cannot use {url}: cannot create the directory {path.parent} "
+                        f"({e.strerror or type(e).__name__})") from None
+    if path.is_dir():
+        raise UserError(f"--storage: cannot use {url}: {path} is a directory; name a file in it")
 
 
 def redact(url: str) -> str:
@@ -148,10 +155,16 @@ class Budget:
         return self.done >= self.n_trials and self.waiting == 0
 
 
+def uncounted(t) -> bool:
+    """A FAIL that was retried (its WAITING copy counts), or that showed the metric is never logged
+    (the sweep stopped there: a config mistake, not a trial)."""
+    return t.state == TrialState.FAIL and t.user_attrs.get(FAILED) in ("retried", UNLOGGED)
+
+
 def budget(study: optuna.Study, n_trials: int) -> Budget:
-    """A FAIL that was retried does not count (its WAITING copy does); every other trial does."""
+    """Every trial counts against n_trials but the `uncounted` FAILs."""
     trials = study.get_trials(deepcopy=False)
-    retried = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(FAILED) in ("retried",))
+    retried = sum(1 for t in trials if uncounted(t))
     by_state = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
     done = by_state[TrialState.COMPLETE] + by_state[TrialState.PRUNED] + by_state[TrialState.FAIL] - retried
     return Budget(n_trials=n_trials, used=len(trials) - retried, done=done,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 
 from litlab import runner, tracking
-from litlab.errors import UserError
+from litlab.config import parse_override
+from litlab.errors import ConfigError, UserError
+from litlab.monitor_check import unlogged_metric
 from litlab.sweep import TRIAL_ENV
 from litlab.sweep import storage as st
 from litlab.sweep.spec import SweepSpec, build_pruner, build_sampler, objective_overrides, suggest
@@ -43,17 +46,30 @@ class TrialReporter(Callback):
         self.trial, self.metrics, self.directions, self.prune = trial, metrics, directions, prune
         self.best: dict[str, float] = {}
         self.rounds = 0
+        self.logged: set[str] = set()  # every name seen after a validation round
+        self.checked = False  # whether the val/ metrics were looked for
 
     def on_fit_start(self, trainer, pl_module):
+        _between_batches[0] = True  # a stop (SIGINT, SIGTERM) waits for the end of a batch from now on
         if self.trial is not None and trainer.is_global_zero:
             run_id = next((lg.run_id for lg in trainer.loggers if isinstance(lg, tracking.MlflowTracker)), None)
             if run_id:
                 self.trial.set_user_attr("litlab.mlflow_run_id", run_id)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _stop_if_asked()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        _stop_if_asked()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        _stop_if_asked()
+
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
         found = trainer.callback_metrics
+        self.logged |= set(found)
         for m, d in zip(self.metrics, self.directions):
             if m in found:
                 v = float(found[m])  # one host sync per validation round
@@ -72,6 +88,25 @@ class TrialReporter(Callback):
             decision = trainer.strategy.broadcast(decision, src=0)
         if decision:
             raise PrunedRun(f"pruned after validation round {step}")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        """A val/ metric missing at the end of the first epoch that validated is never logged: the
+        trial stops there (before the checkpoint, which watches the first metric, says it its way)."""
+        if self.rounds and not self.checked:
+            self.checked = True
+            found = trainer.callback_metrics
+            self.logged |= set(found)
+            missing = [m for m in self.metrics if m.startswith("val/") and m not in found]
+            if missing:
+                raise UnloggedMetric(missing[0], found)
+
+
+class UnloggedMetric(ConfigError):
+    """The sweep's metric is not one the experiment logs: every trial would fail alike, so the sweep
+    stops with this one line (exit 2) after the first trial that shows it."""
+
+    def __init__(self, metric: str, logged):
+        super().__init__("metric", str(unlogged_metric("metric", metric, logged)).partition(": ")[2])
 
 
 @dataclass
@@ -95,14 +130,63 @@ def objective_value(metric: str, result, reporter: TrialReporter) -> float:
     else:
         value = reporter.best.get(metric)
     if value is None:
-        logged = sorted(set(result.metrics) | set(reporter.best))
-        raise UserError(f"metric: {metric!r} was never logged by this experiment; logged: {', '.join(logged)}")
+        raise UnloggedMetric(metric, set(result.metrics) | reporter.logged)
     return value
+
+
+def _as_unlogged(e: BaseException, spec: SweepSpec) -> UnloggedMetric | None:
+    """The error that says the sweep's metric is never logged: its own, or the checkpoint's when the
+    checkpoint monitors the first metric for the sweep (objective_overrides) and finds it missing."""
+    if isinstance(e, UnloggedMetric):
+        return e
+    monitored = dict(parse_override(o) for o in objective_overrides(spec)).get("callbacks.checkpoint.monitor")
+    if isinstance(e, ConfigError) and e.key == "callbacks.checkpoint.monitor" and monitored == spec.metrics[0] \
+            and str(e).startswith(f"{e.key}: {monitored!r} is not a metric"):
+        said = UnloggedMetric.__new__(UnloggedMetric)  # the same words, told for the sweep's key
+        ConfigError.__init__(said, "metric", str(e)[len(e.key) + 2:])
+        return said
+    return None
+
+
+_stopping: list[int] = []  # the signal that stops this trial process (the first one; later ones are ignored)
+_between_batches = [False]  # set once fit starts: the stop waits for the end of the batch (TrialReporter)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """SIGINT or SIGTERM in a trial process: a KeyboardInterrupt, once (Lightning stops the run, which
+    ends KILLED; run_trial marks the trial for a retry). From the start of fit it is raised at the
+    end of the batch: raised in the middle of torch.save it came out as torch's RuntimeError, a
+    crash. A second signal (Ctrl+C in the terminal, then the driver passing the stop on) is ignored."""
+    if _stopping:
+        return
+    _stopping.append(signum)
+    if not _between_batches[0]:
+        raise KeyboardInterrupt
+
+
+def _stop_if_asked() -> None:
+    if _stopping:
+        raise KeyboardInterrupt
 
 
 def run_trial(job: TrialJob) -> None:
     """Process entry point (runs in a fresh process): exit status 0 whatever the trial's outcome;
-    the outcome is in Optuna and MLflow."""
+    the outcome is in Optuna and MLflow. Stopped by SIGINT or SIGTERM, it marks its trial for a
+    retry and exits 128 + the signal's number, quietly (the driver says what happened)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_stop_signal)
+    try:
+        _run_trial(job)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if not _stopping and isinstance(e, SystemExit):
+            raise
+        code = 128 + (_stopping[0] if _stopping else signal.SIGINT)
+    else:
+        return
+    raise SystemExit(code)  # outside the handler: no traceback, no "During handling of ..."
+
+
+def _run_trial(job: TrialJob) -> None:
     if job.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
     spec = job.spec
@@ -139,10 +223,15 @@ def run_trial(job: TrialJob) -> None:
             st.fail_and_retry(study, study._storage.get_trial(job.trial_id), spec.max_retries, "interrupted")
             raise
         except BaseException as e:  # a crash in the experiment: the trial FAILs, the sweep goes on
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            trial.set_user_attr(st.FAILED, f"error: {error}"[:2000])
-            if not job.quiet and not isinstance(e, UserError):
-                traceback.print_exc()
+            unlogged = _as_unlogged(e, spec)
+            if unlogged is not None:  # the sweep stops, saying it (driver.py): not told here
+                trial.set_user_attr(st.FAILED, st.UNLOGGED)
+                trial.set_user_attr("litlab.reason", str(unlogged)[:2000])
+            else:
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                trial.set_user_attr(st.FAILED, f"error: {error}"[:2000])
+                if not job.quiet and not isinstance(e, UserError):
+                    traceback.print_exc()
         _tag_child(job, trial, state.name)
         try:
             if state == optuna.trial.TrialState.COMPLETE:
